@@ -26,6 +26,7 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        "protobuf",  # transformers reads sentencepiece tokenizer.model files through it
         "numpy",
         "pyyaml",
         "tqdm",

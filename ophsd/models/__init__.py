@@ -1,0 +1,1 @@
+"""Model sources (HF dirs, GGUF files, the embedded default) and the megatron-core backend."""
