@@ -1,0 +1,1 @@
+"""Process-level runtime: distributed init, megatron parallel state, the CPU device shim."""
