@@ -7,6 +7,7 @@ harness workers issue requests concurrently and engines batch them.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -15,6 +16,11 @@ import torch
 
 class EngineError(RuntimeError):
     """A generation or weight-update request that no server/engine could serve."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is wrong (token ids outside the vocabulary, prompt too long,
+    unknown weight name...): retrying it elsewhere cannot help. HTTP servers answer it with 4xx."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,22 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     return_logprob: bool = False
+    ignore_eos: bool = False  # SGLang's key: keep generating past EOS (stop/stop_token_ids still apply)
 
     def __post_init__(self):
+        # Accept a single stop string and lists (JSON) while keeping the dataclass hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, int):
+            object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
+        elif not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise ValueError("temperature and top_p must be finite numbers")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
