@@ -1,0 +1,577 @@
+"""Benchmark of the fused divergence kernel against the usual ways of computing it.
+
+    python -m ophsd_kernels.benchmark                       # GPU: full table (bf16)
+    python -m ophsd_kernels.benchmark --device cpu          # CPU: C++ vs PyTorch, N=4096 V=32768 fp32
+    python -m ophsd_kernels.benchmark --sweep               # GPU: launch-parameter sweep per kernel
+    torchrun --nproc-per-node 8 -m ophsd_kernels.benchmark --tp   # real TP, fixed iteration counts
+
+Implementations compared (same inputs, same loss definition, ``mean`` over tokens):
+
+``ours``           :func:`ophsd_kernels.vocab_parallel_divergence` (Triton on CUDA; on CPU the
+                   ``cpp`` and ``torch`` backends are rows of their own: ``ours-cpp``,
+                   ``ours-torch``).
+``torch_chunked``  the reference paper's way: per chunk of rows, ``log_softmax`` of both
+                   (fp32), then ``F.kl_div(..., log_target=True)`` (JSD: the TRL-style mixture
+                   via ``logsumexp``); one autograd graph, one backward.
+``torch_compile``  ``torch.compile`` of the same per-chunk function.
+``liger_jsd``      Liger-Kernel's JSD (``liger_jsd``; ``beta=1`` is its reverse-KL branch).
+                   It takes log-probabilities, so the row includes ``log_softmax`` of both
+                   inputs in the logits' dtype; ``liger_jsd_kernel`` times its kernel alone on
+                   precomputed log-probabilities (the most favourable reading for Liger).
+
+Reported per row: median time (CUDA events through ``triton.testing.do_bench``, which also
+flushes L2 between runs; CPU: wall clock), the bytes model (fwd: read S and T once;
+fwd+bwd: two reads of each + one gradient write; JSD: one more read of each), achieved
+bandwidth = model bytes / time, the floor = model bytes / measured device copy bandwidth,
+and peak extra memory (beyond the inputs and, for fwd+bwd, the gradient itself; CUDA:
+``max_memory_allocated``; CPU: sampled RSS growth, coarse). Writes CSV (+ PNG when
+matplotlib imports) under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ophsd_kernels import divergence as dv
+from ophsd_kernels import vocab_parallel_divergence
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------
+# the baselines
+
+
+def _chunk_loss_sum(s, t, kind: str, beta: float, inv_temp: float):
+    """Sum over the chunk's rows of the per-token divergence (fp32), paper style."""
+    s_lp = F.log_softmax(s.float() * inv_temp, dim=-1)
+    t_lp = F.log_softmax(t.float() * inv_temp, dim=-1)
+    if kind == "reverse_kl":  # KL(S || T) = sum p_s (log p_s - log p_t)
+        return F.kl_div(t_lp, s_lp, reduction="sum", log_target=True)
+    if kind == "forward_kl":  # KL(T || S)
+        return F.kl_div(s_lp, t_lp, reduction="sum", log_target=True)
+    mix = torch.logsumexp(torch.stack([s_lp + math.log(1 - beta), t_lp + math.log(beta)]), dim=0)
+    kl_t = F.kl_div(mix, t_lp, reduction="sum", log_target=True)
+    kl_s = F.kl_div(mix, s_lp, reduction="sum", log_target=True)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+_COMPILED = {}
+
+
+def torch_chunked(s, t, kind, beta=0.5, temperature=1.0, chunk=2048, compiled=False):
+    fn = _chunk_loss_sum
+    if compiled:
+        fn = _COMPILED.get("fn")
+        if fn is None:
+            fn = _COMPILED["fn"] = torch.compile(_chunk_loss_sum, dynamic=False)
+    total = None
+    for r0 in range(0, s.shape[0], chunk):
+        part = fn(s[r0:r0 + chunk], t[r0:r0 + chunk], kind, beta, 1.0 / temperature)
+        total = part if total is None else total + part
+    return total / s.shape[0]
+
+
+def liger_fn():
+    try:
+        from liger_kernel.transformers.functional import liger_jsd
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{type(exc).__name__}: {exc}"
+    return liger_jsd, ""
+
+
+def liger_full(s, t, beta, liger_jsd):
+    # Liger's JSD: log-space inputs; beta weights the teacher (target) like ours.
+    return liger_jsd(torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1), beta=beta)
+
+
+# --------------------------------------------------------------------------------------
+# measurement
+
+
+@dataclass
+class Row:
+    device: str
+    impl: str
+    kind: str
+    n: int
+    v: int
+    dtype: str
+    mode: str  # fwd | fwd+bwd
+    tp_sim: int = 1
+    ms: Optional[float] = None
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    model_gb: Optional[float] = None
+    tbps: Optional[float] = None
+    floor_ms: Optional[float] = None
+    x_floor: Optional[float] = None
+    peak_extra_mb: Optional[float] = None
+    extra_pct_logits: Optional[float] = None
+    speedup_vs_torch_chunked: Optional[float] = None
+    note: str = ""
+    config: str = field(default="")
+
+
+def model_bytes(kind, mode, n, v, elem):
+    reads = 1 if mode == "fwd" else 2
+    if kind == "jsd":
+        reads += 1
+    writes = 0 if mode == "fwd" else 1
+    return (2 * reads + writes) * n * v * elem
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    t = time_fn(lambda: y.copy_(x), device, rep_ms=300)[0]
+    del x, y
+    return 2 * nbytes / (t * 1e-3)
+
+
+def time_fn(fn: Callable, device, rep_ms=200, warmup_ms=50, grad_to_none=None, cpu_reps=5):
+    """(median, p20, p80) in ms."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    fn()  # warm-up
+    ts = []
+    for _ in range(cpu_reps):
+        if grad_to_none:
+            for x in grad_to_none:
+                x.grad = None
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return statistics.median(ts), ts[len(ts) // 5], ts[min(len(ts) - 1, (4 * len(ts)) // 5)]
+
+
+class _RssPeak:
+    """Peak resident-set growth of this process, sampled every millisecond (CPU memory)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    @staticmethod
+    def _rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self):
+        return self.peak - self.base
+
+
+def peak_extra_bytes(fn: Callable, device, grad_bytes: int) -> Optional[float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base - grad_bytes
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    with _RssPeak() as m:
+        fn()
+    return m.extra - grad_bytes
+
+
+def make_case(impl, kind, s, t, beta, temperature, mode, backend, liger):
+    """A closure running one forward (+backward) of ``impl``."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return _loss(impl, kind, s, t, beta, temperature, backend, liger)
+        return run
+
+    def run():
+        s.grad = None
+        loss = _loss(impl, kind, s, t, beta, temperature, backend, liger)
+        loss.backward()
+        return loss
+    return run
+
+
+def _loss(impl, kind, s, t, beta, temperature, backend, liger):
+    if impl.startswith("ours"):
+        return vocab_parallel_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
+                                         backend=backend)
+    if impl == "torch_chunked":
+        return torch_chunked(s, t, kind, beta, temperature)
+    if impl == "torch_compile":
+        return torch_chunked(s, t, kind, beta, temperature, compiled=True)
+    if impl == "liger_jsd":
+        b = {"jsd": beta, "reverse_kl": 1.0, "forward_kl": 0.0}[kind]
+        return liger_full(s, t, b, liger)
+    if impl == "liger_jsd_kernel":
+        b = {"jsd": beta, "reverse_kl": 1.0, "forward_kl": 0.0}[kind]
+        return liger(s, t, beta=b)  # s, t are log-probabilities here
+    raise ValueError(impl)
+
+
+def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, liger=None,
+              backend="auto", log=print):
+    dt = DTYPES[dtype]
+    elem = torch.finfo(dt).bits // 8
+    row = Row(device=str(device.type), impl=impl, kind=kind, n=n, v=v, dtype=dtype, mode=mode,
+              tp_sim=tp_sim)
+    if device.type == "cuda" and impl.startswith("ours"):
+        from ophsd_kernels import triton_divergence as td
+
+        row.config = json.dumps(td.CONFIG, separators=(",", ":"))
+    gen = torch.Generator(device=device).manual_seed(1234)
+    try:
+        s = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
+        t = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
+        if impl == "liger_jsd_kernel":
+            s = torch.log_softmax(s, -1)
+            t = torch.log_softmax(t, -1)
+        if mode == "fwd+bwd":
+            s.requires_grad_(True)
+        run = make_case(impl, kind, s, t, args.beta, args.temperature, mode, backend, liger)
+        run()  # compile / warm up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        grad_bytes = n * v * elem if mode == "fwd+bwd" else 0
+        s.grad = None
+        peak = peak_extra_bytes(run, device, grad_bytes)
+        ms, p20, p80 = time_fn(run, device, rep_ms=args.rep_ms,
+                               grad_to_none=[s] if mode == "fwd+bwd" else None,
+                               cpu_reps=args.cpu_reps)
+    except torch.OutOfMemoryError as exc:
+        row.note = f"OOM: {str(exc).splitlines()[0][:120]}"
+        log(f"  {impl} {kind} N={n} V={v} {mode}: OOM")
+        return row
+    finally:
+        s = t = run = None  # noqa: F841
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row.ms, row.ms_p20, row.ms_p80 = ms, p20, p80
+    mb = model_bytes(kind, mode, n, v, elem)
+    row.model_gb = mb / 1e9
+    row.tbps = mb / (ms * 1e-3) / 1e12
+    row.floor_ms = mb / copy_bw * 1e3
+    row.x_floor = ms / row.floor_ms
+    if peak is not None:
+        row.peak_extra_mb = peak / 2**20
+        row.extra_pct_logits = 100.0 * peak / (n * v * elem)
+    log(f"  {impl:>16} {kind:>10} N={n:>6} V={v:>6} tp={tp_sim} {mode:>7}: {ms:9.3f} ms "
+        f"({row.tbps:5.2f} TB/s model, {row.x_floor:5.2f}x floor, extra "
+        f"{row.peak_extra_mb if row.peak_extra_mb is not None else float('nan'):9.1f} MiB)")
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# modes
+
+
+def run_table(args, device):
+    log = print
+    rows = []
+    copy_bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"device: {name}; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s (read+write); "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    liger, liger_why = liger_fn() if device.type == "cuda" else (None, "CPU run")
+    impls = args.impls.split(",")
+    if device.type == "cpu":
+        impls = [i for i in impls if i not in ("liger_jsd", "liger_jsd_kernel", "torch_compile")]
+    for n in args.n:
+        for v in args.v:
+            for kind in args.kinds.split(","):
+                for mode in args.modes.split(","):
+                    for impl in impls:
+                        backend = "auto"
+                        if impl == "ours-cpp":
+                            backend = "cpp"
+                        elif impl == "ours-torch":
+                            backend = "torch"
+                        if impl.startswith("ours") and dv.backend_status(
+                                dv.resolve_backend(backend, device), device)[0] is None:
+                            why = dv.backend_status(dv.resolve_backend(backend, device), device)[1]
+                            rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
+                                            note=f"not measured: {why}"))
+                            continue
+                        if impl.startswith("liger") and liger is None:
+                            rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
+                                            note=f"not measured: liger-kernel unavailable "
+                                                 f"({liger_why})"))
+                            continue
+                        if impl == "torch_compile" and kind not in args.compile_kinds.split(","):
+                            continue
+                        rows.append(bench_one(impl, kind, n, v, args.dtype, mode, device,
+                                              copy_bw, args, liger=liger, backend=backend))
+    for tp in args.tp_sim:
+        if tp <= 1:
+            continue
+        for n in args.n:
+            v = max(args.v)
+            for kind in args.kinds.split(","):
+                rows.append(bench_one("ours", kind, n, v // tp, args.dtype, "fwd+bwd", device,
+                                      copy_bw, args, tp_sim=tp))
+    _speedups(rows)
+    return rows, {"device_name": name, "copy_tbps": copy_bw / 1e12,
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "liger": "available" if liger else f"unavailable: {liger_why}"}
+
+
+def _speedups(rows):
+    ref = {(r.kind, r.n, r.v, r.dtype, r.mode): r.ms for r in rows
+           if r.impl == "torch_chunked" and r.ms}
+    for r in rows:
+        base = ref.get((r.kind, r.n, r.v, r.dtype, r.mode))
+        if base and r.ms:
+            r.speedup_vs_torch_chunked = base / r.ms
+
+
+def run_sweep(args, device):
+    """Time each Triton kernel alone over launch parameters (reverse KL and JSD)."""
+    from ophsd_kernels import triton_divergence as td
+
+    copy_bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}; copy {copy_bw / 1e12:.3f} TB/s")
+    n, v = args.n[-1], args.v[-1]
+    dt = DTYPES[args.dtype]
+    elem = torch.finfo(dt).bits // 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    s = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
+    t = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
+    st = td.partial_stats(s, t, "reverse_kl", 1.0, 0, v)
+    lse_s = st[:, 0] + st[:, 1].log()
+    lse_t = st[:, 2] + st[:, 3].log()
+    d = st[:, 4] / st[:, 1] - lse_s + lse_t
+    coef = torch.full((n,), 1.0 / n, device=device)
+    out = torch.empty_like(s)
+    rows = []
+    orig = {k: dict(c) for k, c in td.CONFIG.items()}
+    kernels = {
+        "stats": (lambda: td.partial_stats(s, t, args.sweep_kind, 1.0, 0, v), 2),
+        "jsd": (lambda: td.jsd_partial(s, t, lse_s, lse_t, 0.5, 1.0, 0, v), 2),
+        "grad": (lambda: td.grad(s, t, lse_s, lse_t, coef, d, args.sweep_kind, 0.5, 1.0, 0, v,
+                                 out=out), 3),
+    }
+    for name, (fn, n_tensors) in kernels.items():
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                for stages in ((1, 2, 3, 4) if name != "grad" else (1,)):
+                    td.CONFIG[name] = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
+                    try:
+                        ms = time_fn(fn, device, rep_ms=args.rep_ms)[0]
+                    except Exception as exc:  # noqa: BLE001 - e.g. too many registers
+                        print(f"{name} B={block} w={warps} st={stages}: failed {exc!s:.80}")
+                        continue
+                    gb = n_tensors * n * v * elem
+                    tbps = gb / (ms * 1e-3) / 1e12
+                    rows.append(dict(kernel=name, block=block, warps=warps, stages=stages,
+                                     ms=ms, tbps=tbps, x_copy=copy_bw / 1e12 / tbps))
+                    print(f"{name:>5} B={block:>5} w={warps:>2} st={stages}: {ms:8.3f} ms "
+                          f"{tbps:5.2f} TB/s ({copy_bw / 1e12 / tbps:4.2f}x copy)")
+                    td.CONFIG[name] = dict(orig[name])
+    best = {}
+    for r in rows:
+        if r["kernel"] not in best or r["ms"] < best[r["kernel"]]["ms"]:
+            best[r["kernel"]] = r
+    print("best:", json.dumps(best, indent=1))
+    return rows, {"copy_tbps": copy_bw / 1e12, "best": best}
+
+
+def run_tp(args):
+    """Under torchrun: every rank holds an [N, V/world] shard; fixed iteration counts."""
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    dt = DTYPES[args.dtype]
+    results = []
+    for n in args.n:
+        for v in args.v:
+            vl = v // world
+            gen = torch.Generator(device=device).manual_seed(rank)
+            s = torch.randn(n, vl, device=device, dtype=dt, generator=gen).mul_(3).requires_grad_()
+            t = torch.randn(n, vl, device=device, dtype=dt, generator=gen).mul_(3)
+            for kind in args.kinds.split(","):
+                def step():
+                    s.grad = None
+                    vocab_parallel_divergence(s, t, kind=kind, group=dist.group.WORLD).backward()
+                for _ in range(args.tp_warmup):
+                    step()
+                times = []
+                for _ in range(args.tp_iters):
+                    dist.barrier()
+                    if use_cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    step()
+                    if use_cuda:
+                        torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                med = torch.tensor([statistics.median(times)], device=device)
+                all_med = [torch.zeros_like(med) for _ in range(world)]
+                dist.all_gather(all_med, med)
+                if rank == 0:
+                    meds = [float(x) for x in all_med]
+                    r = dict(kind=kind, n=n, v=v, v_local=vl, world=world, iters=args.tp_iters,
+                             median_ms_rank_max=max(meds), median_ms_rank_min=min(meds))
+                    results.append(r)
+                    print(json.dumps(r))
+    dist.destroy_process_group()
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# output
+
+
+COLS = ["impl", "kind", "n", "v", "tp_sim", "dtype", "mode", "ms", "tbps", "floor_ms", "x_floor",
+        "speedup_vs_torch_chunked", "peak_extra_mb", "extra_pct_logits", "note"]
+
+
+def print_table(rows):
+    def fmt(x):
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+        return str(x)
+
+    widths = {c: max(len(c), *(len(fmt(getattr(r, c))) for r in rows)) for c in COLS}
+    print(" | ".join(c.ljust(widths[c]) for c in COLS))
+    for r in rows:
+        print(" | ".join(fmt(getattr(r, c)).ljust(widths[c]) for c in COLS))
+
+
+def save(rows, meta, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"bench_{tag}.csv")
+    with open(path, "w", newline="") as f:
+        f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        print(f"matplotlib unavailable ({exc}); no PNG written")
+        return
+    kinds = sorted({r.kind for r in rows if r.ms and r.tp_sim == 1})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        sel = [r for r in rows if r.kind == kind and r.mode == "fwd+bwd" and r.ms and r.tp_sim == 1]
+        sizes = sorted({(r.n, r.v) for r in sel})
+        impls = sorted({r.impl for r in sel})
+        width = 0.8 / max(1, len(impls))
+        for k, impl in enumerate(impls):
+            ys = [next((r.ms for r in sel if r.impl == impl and (r.n, r.v) == sz), 0) for sz in sizes]
+            ax.bar([i + k * width for i in range(len(sizes))], ys, width, label=impl)
+        floors = [next((r.floor_ms for r in sel if (r.n, r.v) == sz), 0) for sz in sizes]
+        ax.scatter([i + 0.4 - width / 2 for i in range(len(sizes))], floors, marker="_", s=400,
+                   color="k", label="bytes-model floor", zorder=3)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))])
+        ax.set_xticklabels([f"N={n}\nV={v}" for n, v in sizes], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("fwd+bwd median ms (log)")
+        ax.set_title(f"{kind} ({meta.get('device_name', '')})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = os.path.join(out_dir, f"bench_{tag}.png")
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n", type=int, nargs="+")
+    p.add_argument("--v", type=int, nargs="+")
+    p.add_argument("--dtype", choices=list(DTYPES))
+    p.add_argument("--kinds", default="reverse_kl,forward_kl,jsd")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--impls")
+    p.add_argument("--compile-kinds", default="reverse_kl,jsd",
+                   help="kinds for which torch.compile rows are measured (compiles are slow)")
+    p.add_argument("--tp-sim", type=int, nargs="*", default=None,
+                   help="simulate the per-rank shard V/TP on one device for these TP sizes")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--rep-ms", type=int, default=200)
+    p.add_argument("--cpu-reps", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_results"))
+    p.add_argument("--tag")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-kind", default="reverse_kl")
+    p.add_argument("--tp", action="store_true", help="real TP under torchrun")
+    p.add_argument("--tp-warmup", type=int, default=5)
+    p.add_argument("--tp-iters", type=int, default=20)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.n = args.n or ([4096, 16384] if gpu else [4096])
+    args.v = args.v or ([32768, 131072, 151936] if gpu else [32768])
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.impls = args.impls or ("ours,torch_chunked,torch_compile,liger_jsd,liger_jsd_kernel" if gpu
+                                else "ours-cpp,ours-torch,torch_chunked")
+    if args.tp_sim is None:
+        args.tp_sim = [2, 4, 8] if gpu else []
+    if args.tp:
+        run_tp(args)
+        return 0
+    tag = args.tag or ("sweep" if args.sweep else device.type)
+    if args.sweep:
+        rows, meta = run_sweep(args, device)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        return 0
+    rows, meta = run_table(args, device)
+    print()
+    print_table(rows)
+    save(rows, meta, args.out, tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
