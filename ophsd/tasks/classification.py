@@ -27,6 +27,7 @@ class ClassificationTask(Task):
     label_noun = "label"
     input_noun = "Message"
     instruction = "Classify the message."
+    label_system_prompt: str | None = None  # the draft-verify harness's system message
 
     def __init__(self, labels: Sequence[str] | str | os.PathLike | None = None,
                  list_labels_in_prompt: bool = True, max_new_tokens: int | None = None):
@@ -162,7 +163,7 @@ class Banking77Task(ClassificationTask):
     label_noun = "intent"
     input_noun = "Message"
     instruction = "Classify the intent of this banking customer message."
-    system_prompt = None
+    label_system_prompt = "You label banking customer messages with their intent. Reply with the intent label only."
 
     def _before_load(self, path):
         if not self._fixed_labels:
@@ -204,6 +205,7 @@ class LawBenchTask(ClassificationTask):
     label_noun = "charge"
     input_noun = "Facts"
     instruction = "Read the facts of the criminal case and name the charges (罪名)."
+    label_system_prompt = "You name the charges (罪名) for the facts of a criminal case. Reply with the charges only."
     max_new_tokens = 48
 
     def input_text(self, ex):
@@ -266,6 +268,8 @@ class USPTOTask(ClassificationTask):
     label_noun = "reaction class"
     input_noun = "Reaction"
     instruction = "Classify the chemical reaction (reactants>>products SMILES) into its reaction class."
+    label_system_prompt = ("You classify chemical reactions (reactants>>products SMILES) into reaction classes "
+                           "1-10. Reply with the class only.")
     max_new_tokens = 16
 
     def __init__(self, labels=None, **kw):
