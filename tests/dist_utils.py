@@ -7,6 +7,7 @@ with that rank's traceback.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,11 @@ def _worker(rank, world_size, port, fn, args, queue):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # Serialise with torch.save: tensors sent through a multiprocessing queue travel as
+        # shared-memory handles that vanish when this process exits before the parent reads.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -55,7 +60,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
         for _ in range(world_size):
             rank, ok, out = queue.get(timeout=timeout)
             if ok:
-                results[rank] = out
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(out), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{out}")
                 break

@@ -192,14 +192,15 @@ def _global_name(model, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
 
 
-def _gather_tp(name: str, param: torch.Tensor, tp_group) -> torch.Tensor:
+def gather_tp(name: str, tensor: torch.Tensor, param: torch.Tensor, tp_group) -> torch.Tensor:
+    """Full tensor from the TP shards of ``tensor`` (the parameter itself or its gradient)."""
     import torch.distributed as dist
 
     if tp_group is None or dist.get_world_size(tp_group) == 1 or not getattr(param, "tensor_model_parallel", False):
-        return param.detach()
+        return tensor.detach()
     world = dist.get_world_size(tp_group)
-    shards = [torch.empty_like(param) for _ in range(world)]
-    dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
+    shards = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(shards, tensor.detach().contiguous(), group=tp_group)
     dim = param.partition_dim
     if normalise_megatron_name(name).endswith("mlp.linear_fc1.weight"):
         halves = [s.chunk(2, dim=0) for s in shards]
@@ -207,9 +208,10 @@ def _gather_tp(name: str, param: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.cat(shards, dim=dim)
 
 
-def iter_full_megatron_tensors(model, tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_megatron_tensors(model, tp_group=None, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(global canonical Megatron name, full tensor) for this pipeline stage's parameters.
 
+    With ``grads=True`` the parameters' gradients instead (``main_grad`` under megatron DDP).
     Collective over ``tp_group``: every TP rank of the stage must iterate in step.
     """
     spec = model.ophsd_spec
@@ -217,7 +219,10 @@ def iter_full_megatron_tensors(model, tp_group=None) -> Iterator[tuple[str, torc
         name = normalise_megatron_name(_global_name(model, local_name))
         if name == "output_layer.weight" and spec.tie_embeddings:
             continue  # the last stage's copy of the tied embedding
-        yield name, _gather_tp(local_name, p, tp_group)
+        t = (getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad) if grads else p
+        if t is None:
+            t = torch.zeros_like(p)
+        yield name, gather_tp(local_name, t, p, tp_group)
 
 
 def iter_hf_tensors(model, tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
