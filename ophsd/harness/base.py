@@ -58,6 +58,7 @@ class CallResult:
 
     completion: Completion | None
     error: str | None = None
+    completions: list[Completion] = field(default_factory=list)  # all ``sampling.n`` of them
 
     @property
     def text(self) -> str:
@@ -127,57 +128,22 @@ class Harness:
 
     def call_stage(self, engine: Engine, conversations: Sequence[Messages], sampling: SamplingParams,
                    stage: str) -> list[CallResult]:
-        """Run one stage for many samples; never raises for a failing sample.
+        """Run one stage for many samples (:func:`call_isolated`); never raises for a failing sample.
 
-        Chunks of ``chunk_size`` conversations are submitted concurrently (``max_workers``
-        threads) so a batching engine sees them together. A chunk that raises is retried one
-        conversation at a time; what still fails (or comes back empty) is a failed call,
-        counted as ``<stage>/failed`` (errors) or ``<stage>/empty``.
+        Counted: ``<stage>/calls``, ``<stage>/ms``, ``<stage>/failed`` (errors), ``<stage>/empty``.
         """
-        n = len(conversations)
-        out: list[CallResult | None] = [None] * n
-        if n == 0:
-            return []
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc=f"{self.name}:{stage}", unit="call", leave=False)
-        chunks = [list(range(s, min(n, s + self.chunk_size))) for s in range(0, n, self.chunk_size)]
-
-        def run_chunk(idx: list[int]):
-            try:
-                res = engine.generate_chat([conversations[i] for i in idx], sampling)
-                if len(res) != len(idx):
-                    raise RuntimeError(f"engine returned {len(res)} results for {len(idx)} prompts")
-                return idx, [CallResult(r[0] if r else None, None if r else "no completion") for r in res]
-            except Exception as e:  # noqa: BLE001 - isolate the failing sample below
-                if len(idx) == 1 or not self.retry_failed:
-                    return idx, [CallResult(None, f"{type(e).__name__}: {e}") for _ in idx]
-                results = []
-                for i in idx:
-                    results.extend(run_chunk([i])[1])
-                return idx, results
-
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(chunks))) as pool:
-            futures = [pool.submit(run_chunk, c) for c in chunks]
-            for fut in as_completed(futures):
-                idx, res = fut.result()
-                for i, r in zip(idx, res):
-                    out[i] = r
-                if bar is not None:
-                    bar.update(len(idx))
-        if bar is not None:
-            bar.close()
-        self.count(f"{stage}/calls", n)
+        out = call_isolated(engine, conversations, sampling, chunk_size=self.chunk_size,
+                            max_workers=self.max_workers, retry_failed=self.retry_failed,
+                            desc=f"{self.name}:{stage}" if self.progress else None)
+        self.count(f"{stage}/calls", len(out))
         self.count(f"{stage}/ms", int(1000 * (time.perf_counter() - t0)))
         for r in out:
             if r.completion is None:
                 self.count(f"{stage}/failed")
             elif not r.completion.text.strip():
                 self.count(f"{stage}/empty")
-        return out  # type: ignore[return-value]
+        return out
 
     @staticmethod
     def trace_entry(stage: str, messages: Messages, call: CallResult) -> dict:
@@ -193,6 +159,56 @@ class Harness:
 
     def __repr__(self):
         return f"<{type(self).__name__} task={self.task.name}>"
+
+
+def call_isolated(engine: Engine, conversations: Sequence[Messages], sampling: SamplingParams,
+                  chunk_size: int = 8, max_workers: int = 8, retry_failed: bool = True,
+                  desc: str | None = None) -> list[CallResult]:
+    """``engine.generate_chat`` over many conversations, one :class:`CallResult` each, in order.
+
+    Chunks of ``chunk_size`` conversations are submitted concurrently (``max_workers`` threads)
+    so a batching engine sees them together. A chunk that raises is retried one conversation
+    at a time; what still fails becomes ``CallResult(None, error)``. ``desc``: tqdm bar title
+    (None: no bar). ``completion`` is the first of the ``sampling.n`` completions, ``completions`` all.
+    """
+    n = len(conversations)
+    out: list[CallResult | None] = [None] * n
+    if n == 0:
+        return []
+    bar = None
+    if desc:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=desc, unit="call", leave=False)
+    chunk_size = max(1, int(chunk_size))
+    chunks = [list(range(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
+
+    def run_chunk(idx: list[int]):
+        try:
+            res = engine.generate_chat([conversations[i] for i in idx], sampling)
+            if len(res) != len(idx):
+                raise RuntimeError(f"engine returned {len(res)} results for {len(idx)} prompts")
+            return idx, [CallResult(r[0] if r else None, None if r else "no completion", list(r or []))
+                         for r in res]
+        except Exception as e:  # noqa: BLE001 - isolate the failing sample below
+            if len(idx) == 1 or not retry_failed:
+                return idx, [CallResult(None, f"{type(e).__name__}: {e}") for _ in idx]
+            results = []
+            for i in idx:
+                results.extend(run_chunk([i])[1])
+            return idx, results
+
+    with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(chunks)))) as pool:
+        futures = [pool.submit(run_chunk, c) for c in chunks]
+        for fut in as_completed(futures):
+            idx, res = fut.result()
+            for i, r in zip(idx, res):
+                out[i] = r
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out  # type: ignore[return-value]
 
 
 HARNESSES: dict[str, type[Harness]] = {}
