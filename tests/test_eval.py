@@ -158,6 +158,25 @@ def test_cli_tiny_model_draft_verify_bank_data(tiny_long, tmp_path):
     assert len(res["responses"]) == 3 and {"gold", "standalone", "harness", "mode"} <= set(res["responses"][0])
 
 
+def test_cli_engine_url_embedded_server_online_bank(tiny_long, tmp_path):
+    # The SGLang client code path against the embedded HTTP server; no --bank-data: online bank.
+    from ophsd.rollout.embedded import EmbeddedEngine
+    from ophsd.rollout.serve import EmbeddedServer
+
+    data = write_bank_csv(tmp_path / "test.csv")
+    out = tmp_path / "r.json"
+    with EmbeddedEngine(str(tiny_long)) as eng, EmbeddedServer(eng) as srv:
+        rc = main(["--task", "banking77", "--data", str(data), "--engine-url", srv.url, "--model", str(tiny_long),
+                   "--embedder", "tfidf", "--cold-start", "4", "--batch-size", "4", "--max-new-tokens", "3",
+                   "--output", str(out), "--no-progress"])
+        served = eng.stats()["prefills"]
+    assert rc == 0 and served > 0
+    res = json.loads(out.read_text())
+    assert res["standalone"]["n"] == res["harness"]["n"] == 12
+    assert res["bank"]["source"].startswith("online") and res["bank"]["size_end"] == 12
+    assert res["harness"]["modes"]["cold_start"] == 4 and sum(res["harness"]["modes"].values()) == 12
+
+
 def test_cli_user_errors(tmp_path):
     with pytest.raises(SystemExit, match="needs --data"):
         main(["--task", "gsm8k", "--no-progress"])

@@ -347,3 +347,27 @@ def test_registry_custom_harness():
         get_harness("plan_solve")
     with pytest.raises(TypeError):
         register_harness("bad")(int)
+
+
+def test_draft_verify_multilabel_lawbench(tmp_path):
+    import json as _json
+
+    rows = [
+        {"fact": "张三盗窃财物", "accusations": ["盗窃罪"]},
+        {"fact": "李四盗窃手机", "accusations": ["盗窃"]},
+        {"fact": "王五诈骗钱财", "accusations": ["诈骗"]},
+        {"fact": "赵六诈骗并盗窃", "accusations": ["诈骗", "盗窃"]},
+    ]
+    f = tmp_path / "law.jsonl"
+    f.write_text("\n".join(_json.dumps(r, ensure_ascii=False) for r in rows))
+    task = get_task("lawbench")
+    data = task.load(f)
+    bank = build_bank(data, task, embedder="tfidf", progress=False)
+    h = DraftVerifyHarness(task, bank=bank, k=2, cold_start=1, progress=False)
+    res = h.run([Example("q", "Facts: 钱七盗窃财物", ["盗窃"], meta={"fact": "钱七盗窃财物"})],
+                ScriptedEngine(copy_last_label), training=False)[0]
+    assert res.mode == "full" and res.answer == ["盗窃"]
+    # label sets are rendered as comma-separated assistant turns
+    shots = [m["content"] for m in res.trace[0]["messages"] if m["role"] == "assistant"]
+    assert all(s in ("盗窃", "诈骗", "诈骗, 盗窃") for s in shots)
+    assert task.score_answer(res.answer, Example("q", "", ["盗窃"])) == 1.0
