@@ -53,7 +53,7 @@ def tiny_config(arch: str = "llama", **overrides):
 
     common = dict(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=3, pad_token_id=0,
     )
     if arch == "llama":

@@ -8,7 +8,8 @@ CUDA this shim, and nothing else, makes those calls mean "the CPU":
 * ``torch.cuda.current_device()`` returns ``"cpu"`` (a valid ``device=`` argument);
 * ``torch.cuda.synchronize()`` and the CUDA RNG seeding calls become no-ops;
 * a ``TorchFunctionMode`` rewrites ``device="cuda"`` / ``device=torch.device("cuda", i)``
-  in factory calls and ``Tensor.to/.cuda`` into the CPU.
+  in factory calls and ``Tensor.to/.cuda`` into the CPU, and reports CPU tensors'
+  legacy ``Tensor.type()`` names as ``torch.cuda.*`` (megatron's grad clipping asserts it).
 
 It is installed by :func:`ophsd.runtime.distributed.initialize` only when
 ``torch.cuda.is_available()`` is False, is idempotent, and never active on a GPU machine.
@@ -40,6 +41,10 @@ class _CudaToCpu(TorchFunctionMode):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's grad clipping asserts ``grad.type() == 'torch.cuda.FloatTensor'``.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if func is torch.Tensor.to and len(args) > 1 and (_is_cuda(args[1]) or (
                 isinstance(args[1], int) and not isinstance(args[1], bool))):
             args = (args[0], "cpu", *args[2:])
@@ -61,8 +66,8 @@ def install() -> bool:
     torch.cuda.set_rng_state = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
     torch.cuda.device_count = lambda: 0
-    # ``_CudaToCpu`` stays pushed for the life of the process (mode stack is per thread:
-    # it is also pushed onto new threads by ``ophsd.runtime.cpu_shim.enter`` when needed).
+    # ``_CudaToCpu`` stays pushed for the life of the process, on the thread that installed
+    # it (megatron's schedules and optimizer run on the main thread).
     _CudaToCpu().__enter__()
     _INSTALLED = True
     return True

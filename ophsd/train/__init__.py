@@ -1,0 +1,1 @@
+"""The OPHSD trainer: ``torchrun --nproc-per-node N -m ophsd.train [flags]``."""

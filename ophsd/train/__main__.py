@@ -1,0 +1,5 @@
+import sys
+
+from ophsd.train.main import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""Trainer flags: Megatron-LM's names for what Megatron users know, plus OPHSD's own.
+
+``--config file.yaml`` supplies defaults with the same names (dashes or underscores); the
+command line wins. :func:`validate` fails fast, before any model is loaded, naming the flag.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """An invalid flag or flag combination; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ophsd train",
+        description="On-Policy Harness Self-Distillation on megatron-core. Launch with "
+                    "`torchrun --nproc-per-node N -m ophsd.train ...` (N = TP x PP x DP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--config", help="YAML file of defaults (same names as the flags)")
+    g = ap.add_argument_group("model and parallelism (Megatron-LM names)")
+    g.add_argument("--load", help="Megatron model directory (tools/convert_hf.py import) or a trainer "
+                                  "checkpoint directory to resume from")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="used when --load is not given: HF dir, .gguf or embedded name, converted in memory")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step (default: rollout-batch-size x n-samples-per-prompt)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 parameters (fp32 main weights in the optimizer)")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = ap.add_argument_group("optimisation (Megatron-LM names)")
+    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"])
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g = ap.add_argument_group("checkpoints and logging")
+    g.add_argument("--save", help="run directory: checkpoints, metrics.jsonl, TensorBoard, report")
+    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--wandb-project", default=None, help="log to Weights & Biases too (needs wandb)")
+    g = ap.add_argument_group("task and harness")
+    g.add_argument("--task", default="arith", help="arith | gsm8k | math | deepmath | banking77 | lawbench | uspto")
+    g.add_argument("--data", help="training data file (not needed for arith)")
+    g.add_argument("--harness", default="plan_solve",
+                   help="teacher-context provider: plan_solve | draft_verify | opsd (OPSD baseline) | a registered name")
+    g.add_argument("--objective", default="distill", choices=["distill", "offpolicy"],
+                   help="distill: on-policy divergence to the teacher; offpolicy: cross-entropy on the "
+                        "harness's final responses (the off-policy baseline)")
+    g.add_argument("--plan-tokens", type=int, default=192, help="plan-solve: plan stage token budget")
+    g.add_argument("--bank-k", type=int, default=5, help="draft-verify: neighbours shown")
+    g = ap.add_argument_group("distillation")
+    g.add_argument("--divergence", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"])
+    g.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight, 0 < beta < 1")
+    g.add_argument("--distill-temperature", type=float, default=1.0)
+    g.add_argument("--teacher", default="initial", choices=["initial", "current"],
+                   help="initial: frozen copy of the starting weights; current: the live weights, detached")
+    g.add_argument("--token-sampling-ratio", type=float, default=1.0,
+                   help="keep this fraction of response tokens per step (entropy-weighted if --entropy-weighting)")
+    g.add_argument("--entropy-weighting", action="store_true",
+                   help="sample kept tokens with probability proportional to the teacher's entropy")
+    g.add_argument("--reward-weighting", action="store_true",
+                   help="weight each sample by (0.5 + reward) of the harness answer")
+    g.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "cpp", "torch"])
+    g = ap.add_argument_group("rollouts")
+    g.add_argument("--rollout-engine", default="embedded", choices=["embedded", "sglang"])
+    g.add_argument("--sglang-url", action="append", help="SGLang server URL(s) (with --rollout-engine sglang)")
+    g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
+    g.add_argument("--n-samples-per-prompt", type=int, default=1)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--max-prompt-length", type=int, default=512, help="tokens; longer pairs are skipped and counted")
+    g.add_argument("--max-response-length", type=int, default=128)
+    g = ap.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: before and after only)")
+    g.add_argument("--eval-data", help="evaluation file (default: a dev split carved from --data, or arith dev)")
+    g.add_argument("--eval-limit", type=int, default=16)
+    g.add_argument("--skip-eval", action="store_true")
+    return ap
+
+
+def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for k, v in data.items():
+        dest = str(k).lstrip("-").replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ConfigError(f"--config {path}: unknown setting '{k}'")
+        out[dest] = v
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_yaml_defaults(pre.config, parser))
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Cheap checks before any model is loaded; each message names the flag."""
+    from ophsd.tasks import list_tasks
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                 "train_iters", "rollout_batch_size", "n_samples_per_prompt", "max_prompt_length",
+                 "max_response_length"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(0 <= args.min_lr <= args.lr, f"--min-lr must be in [0, --lr], got {args.min_lr}")
+    need(args.lr_warmup_iters < args.train_iters or args.lr_warmup_iters == 0,
+         f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --train-iters ({args.train_iters})")
+    need(args.clip_grad >= 0, f"--clip-grad must be >= 0, got {args.clip_grad}")
+    need(args.distill_temperature > 0, f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if args.divergence == "jsd":
+        need(0 < args.beta < 1, f"--beta must be in (0, 1) for --divergence jsd, got {args.beta} "
+                                "(beta -> 0/1 degenerates: use reverse_kl / forward_kl)")
+    need(0 < args.token_sampling_ratio <= 1, f"--token-sampling-ratio must be in (0, 1], got {args.token_sampling_ratio}")
+    need(not args.entropy_weighting or args.token_sampling_ratio < 1,
+         "--entropy-weighting needs --token-sampling-ratio < 1 (it chooses which tokens to keep)")
+    need(args.task in list_tasks(), f"--task {args.task!r} is unknown; known: {', '.join(list_tasks())}")
+    if args.task != "arith":
+        need(bool(args.data), f"--task {args.task} needs --data FILE (only arith is generated)")
+    if args.data:
+        need(Path(args.data).is_file(), f"--data {args.data}: no such file")
+    if args.eval_data:
+        need(Path(args.eval_data).is_file(), f"--eval-data {args.eval_data}: no such file")
+    if args.rollout_engine == "sglang":
+        need(bool(args.sglang_url), "--rollout-engine sglang needs --sglang-url URL (start servers with "
+                                    "`python -m sglang.launch_server`, or use --rollout-engine embedded)")
+    seqs = args.rollout_batch_size * args.n_samples_per_prompt
+    if args.global_batch_size is None:
+        args.global_batch_size = seqs
+    need(args.global_batch_size == seqs,
+         f"--global-batch-size ({args.global_batch_size}) must equal --rollout-batch-size x "
+         f"--n-samples-per-prompt ({seqs}): every on-policy sample is used once")
+    need(args.global_batch_size % args.micro_batch_size == 0,
+         f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})")
+    if args.load:
+        need(Path(args.load).is_dir(), f"--load {args.load}: no such directory")
+    if args.save_interval and not args.save:
+        raise ConfigError("--save-interval needs --save DIR")

@@ -1,0 +1,614 @@
+"""One OPHSD trainer: rollouts -> harness -> pairs -> teacher fwd -> student fwd/bwd -> step -> sync.
+
+Rank 0 drives generation (it owns the engine, the harness and the data stream) and broadcasts
+each step's token ids; every rank runs the Megatron model stage it holds. Teacher logits stay
+where the last pipeline stage produced them (vocab-parallel shards, never gathered, never
+moved), and the loss is :func:`ophsd_kernels.vocab_parallel_divergence` over those shards.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, pack
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (a whole batch failed repeatedly, ...); a checkpoint was attempted."""
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _broadcast(obj):
+    box = [obj if _rank0() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _log(msg: str) -> None:
+    if _rank0():
+        print(f"[ophsd] {msg}", flush=True)
+
+
+class ExampleStream:
+    """Deterministic example order: a generator task streams, file data is reshuffled per epoch."""
+
+    def __init__(self, task, data: str | None, seed: int):
+        self.task, self.seed = task, seed
+        self.examples = None if data is None else list(task.dataset(data, split="train", seed=seed))
+        if self.examples is not None and not self.examples:
+            raise TrainingError(f"no usable training examples in {data}")
+
+    def batch(self, position: int, n: int) -> list:
+        if self.examples is None:
+            return [self.task.example(i, "train") for i in range(position, position + n)]
+        out, N = [], len(self.examples)
+        for i in range(position, position + n):
+            epoch, j = divmod(i, N)
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            out.append(self.examples[int(torch.randperm(N, generator=g)[j])])
+        return out
+
+
+class Trainer:
+    def __init__(self, args):
+        from megatron.core import parallel_state as ps
+
+        from ophsd.runtime import distributed
+
+        self.args = args
+        distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+        self.ps = ps
+        self.dtype = torch.bfloat16 if args.bf16 else torch.float32
+        self.step_num, self.data_position = 0, 0
+        self.counters: Counter = Counter()
+        self.stop_requested = False
+        self.run_dir = Path(args.save) if args.save else None
+        resume_dir = self._resume_dir(args.load)
+        model_dir = resume_dir or (args.load if args.load else None)
+        self._build_models(model_dir)
+        self._build_optimizer()
+        self._build_generation()
+        if resume_dir:
+            self._load_trainer_state(resume_dir)
+        self._metrics_file = None
+        self._tb = None
+        if self.run_dir and _rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+            (self.run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+            if args.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except Exception as e:  # noqa: BLE001 - tensorboard is optional
+                    _log(f"TensorBoard logging off ({e.__class__.__name__}: {e}); metrics.jsonl still written")
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ------------------------------------------------------------------------------ building
+    @staticmethod
+    def _resume_dir(load):
+        if load and (Path(load) / LATEST).is_file():
+            it = int((Path(load) / LATEST).read_text().strip())
+            return Path(load) / f"iter_{it:07d}"
+        return None
+
+    def _build_models(self, model_dir):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from ophsd.models import checkpoint, mapping
+        from ophsd.models.hub import load_config, load_hf_model, load_tokenizer, resolve_model
+        from ophsd.models.megatron import build_model, model_spec_from_hf
+
+        a = self.args
+        tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+        if model_dir:
+            spec = checkpoint.load_spec(model_dir, tp, pp)
+            self.hf_dir = Path(model_dir) / "hf"
+            student = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
+            checkpoint.load_model(student, Path(model_dir) / "model")
+            teacher_dir = Path(model_dir) / "teacher"
+            self.source = None
+        else:
+            self.source = resolve_model(a.model)
+            spec = model_spec_from_hf(load_config(self.source), tp, pp)
+            hf = load_hf_model(self.source, torch.float32)
+            student = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
+            mapping.load_full_tensors(student, {k: v.to(self.dtype) for k, v in
+                                                mapping.hf_to_megatron(hf.state_dict(), spec).items()})
+            del hf
+            teacher_dir = None
+            self.hf_dir = None
+        self.spec = spec
+        self.tokenizer = load_tokenizer(self.source) if self.source else __import__(
+            "transformers").AutoTokenizer.from_pretrained(self.hf_dir)
+        self.teacher = None
+        if a.teacher == "initial" and a.objective == "distill":
+            self.teacher = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
+            if teacher_dir is not None and (teacher_dir / "metadata.json").is_file():
+                checkpoint.load_model(self.teacher, teacher_dir)
+            else:
+                self.teacher.load_state_dict(student.state_dict())
+            self.teacher.requires_grad_(False).eval()
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=a.use_distributed_optimizer)
+        self.model = DistributedDataParallel(student.config, ddp_cfg, student)
+        self.module = student
+        from megatron.core.distributed import finalize_model_grads
+
+        student.config.finalize_model_grads_func = finalize_model_grads
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        a = self.args
+        cfg = OptimizerConfig(
+            optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2, clip_grad=a.clip_grad, bf16=a.bf16, params_dtype=self.dtype,
+            use_distributed_optimizer=a.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(cfg, [self.model])
+        decay_iters = max(1, a.train_iters - a.lr_warmup_iters) + a.lr_warmup_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if a.lr_warmup_iters else a.lr, max_lr=a.lr, min_lr=a.min_lr,
+            lr_warmup_steps=a.lr_warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=a.lr_decay_style,
+            start_wd=a.weight_decay, end_wd=a.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
+        )
+
+    def _build_generation(self):
+        """Rank 0 owns the engine, the task, the harness and the data stream."""
+        from ophsd.harness import get_harness
+        from ophsd.tasks import get_task
+
+        a = self.args
+        self.task = get_task(a.task)
+        self.engine = self.harness = self.stream = None
+        if not _rank0():
+            self._sync_weights(version=0)  # collective: every rank takes part in the gather
+            return
+        self.stream = ExampleStream(self.task, a.data, a.seed)
+        kwargs = {"plan_tokens": a.plan_tokens} if a.harness == "plan_solve" else {}
+        if a.harness == "draft_verify":
+            kwargs = {"k": a.bank_k}
+        try:
+            self.harness = get_harness(a.harness, self.task, seed=a.seed, **kwargs)
+        except TypeError:
+            self.harness = get_harness(a.harness, self.task, seed=a.seed)
+        if a.rollout_engine == "sglang":
+            from ophsd.rollout.sglang import SGLangEngine
+
+            self.engine = SGLangEngine(a.sglang_url)
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from ophsd.rollout.embedded import EmbeddedEngine
+
+            config = AutoConfig.from_pretrained(self.hf_dir) if self.hf_dir else __import__(
+                "ophsd.models.hub", fromlist=["load_config"]).load_config(self.source)
+            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            self.engine = EmbeddedEngine.from_pretrained_objects(hf, self.tokenizer, name="ophsd-student",
+                                                                 seed=a.seed)
+        self._sync_weights(version=0)
+
+    # ------------------------------------------------------------------------- weight sync
+    def _iter_stage_tensors(self):
+        from ophsd.models import mapping
+
+        return mapping.iter_hf_tensors(self.module, self.ps.get_tensor_model_parallel_group())
+
+    @torch.no_grad()
+    def _sync_weights(self, version: int) -> float:
+        """Gather HF-named full tensors from every pipeline stage to rank 0 and push them."""
+        t0 = time.perf_counter()
+        ps = self.ps
+        pp_group, pp = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+        tensors: list[tuple[str, torch.Tensor]] = []
+        mine = list(self._iter_stage_tensors())  # collective over TP
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [dist.get_rank()]
+            for stage, src in enumerate(ranks):
+                if pp == 1:
+                    tensors = mine
+                    break
+                meta = [[(n, tuple(t.shape), t.dtype) for n, t in mine] if dist.get_rank() == src else None]
+                dist.broadcast_object_list(meta, src=src, group=pp_group)
+                for i, (name, shape, dtype) in enumerate(meta[0]):
+                    buf = mine[i][1].contiguous() if dist.get_rank() == src else torch.empty(shape, dtype=dtype)
+                    dist.broadcast(buf, src=src, group=pp_group)
+                    if _rank0():
+                        tensors.append((name, buf))
+        if _rank0() and self.engine is not None:
+            from ophsd.rollout.weight_sync import push_weights
+
+            push_weights(self.engine, ((n, t.float()) for n, t in tensors), version)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ rollouts
+    def _rollout(self) -> tuple[list[Sample], dict]:
+        """Rank 0: student samples on the current weights + teacher contexts from the harness."""
+        from ophsd.rollout import SamplingParams
+
+        a = self.args
+        stats: dict = {}
+        examples = self.stream.batch(self.data_position, a.rollout_batch_size)
+        prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
+        t0 = time.perf_counter()
+        sampling = SamplingParams(temperature=a.rollout_temperature, top_p=a.rollout_top_p,
+                                  max_new_tokens=a.max_response_length, n=a.n_samples_per_prompt,
+                                  seed=a.seed * 100003 + self.step_num)
+        if a.objective == "distill":
+            completions = self.engine.generate(prompts, sampling)
+        else:
+            completions = [[None] for _ in prompts]
+        stats["time/rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.harness.reset_stats()
+        results = self.harness.run(examples, self.engine, training=True)
+        stats["time/harness"] = time.perf_counter() - t0
+        for k, v in self.harness.stats().items():
+            stats[f"harness/{k}"] = v
+        samples = []
+        for ex, prompt, comps, res in zip(examples, prompts, completions, results):
+            harness_reward = self.task.reward(res.final_response, ex) if res.final_response else 0.0
+            weight = (0.1 + 0.9 * harness_reward) if a.reward_weighting else 1.0
+            if a.objective == "offpolicy":
+                resp = list(self.tokenizer.encode(res.final_response, add_special_tokens=False)) if res.final_response else []
+                if resp and self.tokenizer.eos_token_id is not None:
+                    resp.append(self.tokenizer.eos_token_id)
+                samples.append(Sample(prompt, prompt, resp[: a.max_response_length + 1], weight,
+                                      {"harness_reward": harness_reward}))
+                continue
+            teacher_prompt = self.engine.apply_chat_template(res.teacher_messages)
+            for c in comps:
+                samples.append(Sample(prompt, teacher_prompt, list(c.output_ids), weight,
+                                      {"student_reward": self.task.reward(c.text, ex), "harness_reward": harness_reward}))
+        if samples:
+            stats["reward/student"] = sum(s.meta.get("student_reward", 0.0) for s in samples) / len(samples)
+            stats["reward/harness"] = sum(s.meta["harness_reward"] for s in samples) / len(samples)
+        self._last_examples = examples
+        return samples, stats
+
+    # ------------------------------------------------------------------------------ the loss
+    def _teacher_logits(self, mbs: list[MicroBatch]):
+        """Teacher logits at the response positions, per micro-batch (last stage; vocab shards)."""
+        from ophsd.models import forward
+
+        model = self.teacher if self.teacher is not None else self.module
+
+        def keep(batch, output, non_loss_data=False):
+            mb = batch["mb"]
+            return output[mb.rows, mb.teacher_pos].detach().contiguous()
+
+        with torch.no_grad():
+            out = forward.run_schedule(model, [{"tokens": mb.teacher_tokens, "mb": mb} for mb in mbs], keep,
+                                       forward_only=True, collect_non_loss_data=True)
+        return list(out) if self.ps.is_pipeline_last_stage() else [None] * len(mbs)
+
+    def _token_weights(self, mb: MicroBatch, teacher_rows: torch.Tensor | None) -> torch.Tensor:
+        """Per-token weights: sample weight x (optional) random / entropy-weighted subsampling."""
+        a = self.args
+        w = mb.weights.clone()
+        if a.token_sampling_ratio >= 1:
+            return w
+        g = torch.Generator().manual_seed(a.seed * 7919 + self.step_num * 131 + int(mb.rows.numel()))
+        n = w.numel()
+        k = max(1, int(round(a.token_sampling_ratio * n)))
+        if a.entropy_weighting and teacher_rows is not None:
+            probs = self._vocab_parallel_entropy(teacher_rows).clamp_min(1e-6).cpu()
+        else:
+            probs = torch.ones(n)
+        keep = torch.multinomial(probs * (w > 0), min(k, int((w > 0).sum())), replacement=False, generator=g)
+        mask = torch.zeros(n)
+        mask[keep] = 1.0
+        return w * mask.to(w.device)
+
+    def _vocab_parallel_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Entropy of the tempered teacher over TP vocab shards (padding excluded)."""
+        from megatron.core import tensor_parallel  # noqa: F401
+
+        group = self.ps.get_tensor_model_parallel_group()
+        x = logits.float() / self.args.distill_temperature
+        start = self.ps.get_tensor_model_parallel_rank() * x.shape[-1]
+        valid = max(0, min(x.shape[-1], self.spec.vocab_size - start))
+        x = x[:, :valid]
+        m = x.max(-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(x - m[:, None])
+        z, s = e.sum(-1), (e * (x - m[:, None])).sum(-1)
+        zs = torch.stack([z, s])
+        dist.all_reduce(zs, group=group)
+        z, s = zs
+        return torch.log(z) - s / z
+
+    def _train_on(self, samples: list[Sample]) -> dict:
+        """Teacher forward, student forward/backward and the optimizer step on this rank's share."""
+        from ophsd.models import forward
+        from ophsd_kernels import vocab_parallel_divergence
+
+        a, ps = self.args, self.ps
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = len(samples) // dp if len(samples) >= dp else 0
+        if per_rank == 0:
+            return {"skipped_step": 1}
+        mine = samples[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+        mbs = pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+        t0 = time.perf_counter()
+        teacher_rows = self._teacher_logits(mbs) if a.objective == "distill" else [None] * len(mbs)
+        t_teacher = time.perf_counter() - t0
+        token_w = [self._token_weights(mb, tr) if ps.is_pipeline_last_stage() else mb.weights
+                   for mb, tr in zip(mbs, teacher_rows)]
+        total_w = torch.tensor(sum(float(w.sum()) for w in token_w))
+        dist.all_reduce(total_w, group=ps.get_data_parallel_group())  # same on every TP rank
+        total_w = max(float(total_w), 1e-12)
+        scale = dp * len(mbs) / total_w  # undo megatron's 1/num_microbatches and DP averaging
+        group = ps.get_tensor_model_parallel_group()
+        vocab = self.spec.vocab_size
+        tp_rank = ps.get_tensor_model_parallel_rank()
+
+        def loss_fn(batch, output, non_loss_data=False):
+            mb, i = batch["mb"], batch["i"]
+            rows = output[mb.rows, mb.student_pos]
+            w = token_w[i].to(rows.device)
+            if a.objective == "distill":
+                per_tok = vocab_parallel_divergence(
+                    rows, teacher_rows[i], kind=a.divergence, beta=a.beta, temperature=a.distill_temperature,
+                    weights=w, vocab_size=vocab, group=group, reduction="none", backend=a.kernel_backend)
+            else:
+                per_tok = self._vocab_parallel_nll(rows, mb.targets.to(rows.device), vocab, tp_rank, group)
+            wsum = (w * per_tok).sum()
+            return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(), "n": torch.tensor(float(w.numel()))}
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        t0 = time.perf_counter()
+        out = forward.run_schedule(self.model, [{"tokens": mb.student_tokens, "mb": mb, "i": i}
+                                                for i, mb in enumerate(mbs)], loss_fn)
+        t_student = time.perf_counter() - t0
+        stats = torch.zeros(3)
+        if ps.is_pipeline_last_stage() and tp_rank == 0:
+            for o in out:
+                stats += torch.stack([o["wsum"].float().cpu(), o["w"].float().cpu(), o["n"].float().cpu()])
+        dist.all_reduce(stats)
+        loss = float(stats[0] / stats[1].clamp_min(1e-12))
+        finite = torch.tensor(1.0 if math.isfinite(loss) and self._grads_finite() else 0.0)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        result = {"loss": loss, f"divergence/{a.divergence if a.objective == 'distill' else 'nll'}": loss,
+                  "tokens": int(stats[2]), "tokens_weighted": float(stats[1]),
+                  "time/teacher_forward": t_teacher, "time/student_fwd_bwd": t_student}
+        if finite.item() < 1:
+            self.counters["nonfinite_steps"] += 1
+            _log(f"step {self.step_num + 1}: non-finite loss or gradient, update skipped "
+                 f"({self.counters['nonfinite_steps']} so far)")
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            result["skipped_step"] = 1
+            return result
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                      lr=self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups")
+                      else self.scheduler.get_lr(self.optimizer.param_groups[0]))
+        return result
+
+    @staticmethod
+    def _vocab_parallel_nll(rows, targets, vocab, tp_rank, group):
+        """Cross-entropy over vocab shards with padding columns masked (off-policy baseline)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        v_local = rows.shape[-1]
+        start = tp_rank * v_local
+        x = rows.float()
+        if start + v_local > vocab:
+            x = x.clone()
+            x[:, max(0, vocab - start):] = float("-inf")
+        return vocab_parallel_cross_entropy(x[None], targets[None])[0]
+
+    def _grads_finite(self) -> bool:
+        for p in self.module.parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not torch.isfinite(g).all():
+                return False
+        return True
+
+    # -------------------------------------------------------------------------------- a step
+    def train_step(self) -> dict:
+        a = self.args
+        t_step = time.perf_counter()
+        payload = None
+        if _rank0():
+            for attempt in range(3):
+                try:
+                    samples, stats = self._rollout()
+                    break
+                except Exception as e:  # noqa: BLE001 - engine/harness failure for the whole batch
+                    _log(f"rollout failed for the whole batch (attempt {attempt + 1}/3): {e}")
+                    samples, stats = None, {"error": str(e)}
+            if samples is not None:
+                kept, skipped = filter_pairs(samples, a.max_prompt_length, a.max_response_length + 1)
+                stats.update(skipped, pairs_kept=len(kept), pairs_total=len(samples))
+                payload = (kept, stats)
+        payload = _broadcast(payload)
+        if payload is None:
+            self.save_checkpoint(reason="rollout failure")
+            raise TrainingError("rollouts failed for a whole batch three times in a row; checkpoint saved")
+        kept, stats = payload
+        for k in ("skipped/empty_response", "skipped/too_long"):
+            self.counters[k] += stats.get(k, 0)
+        result = self._train_on(kept)
+        self.step_num += 1
+        self.data_position += a.rollout_batch_size
+        result["time/sync"] = self._sync_weights(version=self.step_num)
+        if _rank0():
+            self.harness.update(self._last_examples)
+        result.update(stats)
+        result["time/step"] = time.perf_counter() - t_step
+        result["tokens_per_s"] = result.get("tokens", 0) / max(result["time/step"], 1e-9)
+        result["step"] = self.step_num
+        result.update({f"total/{k}": v for k, v in self.counters.items()})
+        return result
+
+    # ------------------------------------------------------------------------------ metrics
+    def log_metrics(self, m: dict) -> None:
+        if not _rank0():
+            return
+        m = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+        if self._metrics_file:
+            self._metrics_file.write(json.dumps(m) + "\n")
+            self._metrics_file.flush()
+        if self._tb:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, m.get("step", self.step_num))
+        if m.get("step", 0) % max(1, self.args.log_interval) == 0 and "loss" in m:
+            print(f"[ophsd] step {m['step']:>5}/{self.args.train_iters}  loss {m['loss']:.4f}  "
+                  f"grad_norm {m.get('grad_norm', float('nan')):.3f}  lr {m.get('lr', 0):.2e}  "
+                  f"pairs {m.get('pairs_kept', 0)}/{m.get('pairs_total', 0)}  tokens {m.get('tokens', 0)}  "
+                  f"rollout {m.get('time/rollout', 0):.1f}s harness {m.get('time/harness', 0):.1f}s "
+                  f"train {m.get('time/student_fwd_bwd', 0) + m.get('time/teacher_forward', 0):.1f}s "
+                  f"sync {m.get('time/sync', 0):.1f}s", flush=True)
+
+    # ------------------------------------------------------------------------------ eval
+    def evaluate(self, tag: str) -> dict | None:
+        a = self.args
+        if a.skip_eval or not _rank0():
+            dist.barrier()
+            return None
+        from ophsd.eval import evaluate
+
+        if a.eval_data:
+            examples = list(self.task.dataset(a.eval_data, split="all"))[: a.eval_limit]
+        elif a.data:
+            examples = list(self.task.dataset(a.data, split="dev", seed=a.seed))[: a.eval_limit]
+        else:
+            examples = [self.task.example(i, "dev") for i in range(a.eval_limit)]
+        harness = self.harness if a.harness != "opsd" else None
+        res = evaluate(self.task, examples, self.engine, harness, progress=True)
+        row = {"step": self.step_num, "tag": tag,
+               "eval/standalone_accuracy": res["standalone"]["accuracy"], "eval/n": res["standalone"]["n"]}
+        if res.get("harness"):
+            row["eval/harness_accuracy"] = res["harness"]["accuracy"]
+        _log(f"eval ({tag}, step {self.step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
+             + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
+             + f" on {row['eval/n']} examples")
+        self.log_metrics(row)
+        dist.barrier()
+        return row
+
+    # ------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, reason: str = "interval") -> Path | None:
+        """Atomic: everything goes to ``iter_N.tmp``; the rename and the ``latest`` file come last."""
+        from ophsd.models import checkpoint
+
+        if not self.run_dir:
+            return None
+        final = self.run_dir / f"iter_{self.step_num:07d}"
+        tmp = self.run_dir / f"iter_{self.step_num:07d}.tmp"
+        if _rank0():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        checkpoint.save_model(self.module, tmp / "model")
+        if self.teacher is not None:
+            checkpoint.save_model(self.teacher, tmp / "teacher")
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
+                   tmp / f"optim_rank{dist.get_rank():05d}.pt")
+        if _rank0():
+            src_hf = self.hf_dir if self.hf_dir else None
+            (tmp / "hf").mkdir()
+            if src_hf:
+                for f in Path(src_hf).iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / "hf" / f.name)
+            else:
+                from ophsd.models.hub import load_config
+
+                load_config(self.source).save_pretrained(tmp / "hf")
+                self.tokenizer.save_pretrained(tmp / "hf")
+            checkpoint.write_marker(tmp, self.spec, dtype=str(self.dtype).replace("torch.", ""), step=self.step_num)
+            torch.save({"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
+                        "harness": self.harness.state_dict(), "world_size": dist.get_world_size(),
+                        "args": vars(self.args)}, tmp / "trainer_state.pt")
+        dist.barrier()
+        if _rank0():
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            latest_tmp = self.run_dir / (LATEST + ".tmp")
+            latest_tmp.write_text(f"{self.step_num}\n")
+            os.replace(latest_tmp, self.run_dir / LATEST)
+            _log(f"saved checkpoint {final} ({reason})")
+        dist.barrier()
+        return final
+
+    def _load_trainer_state(self, ckpt: Path) -> None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        if state["world_size"] != dist.get_world_size():
+            raise TrainingError(f"--load {ckpt}: saved with {state['world_size']} ranks, resumed with "
+                                f"{dist.get_world_size()}; resume with the same TP/PP/DP layout")
+        opt = torch.load(ckpt / f"optim_rank{dist.get_rank():05d}.pt", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(opt["rng"]["torch"])
+        self.step_num, self.data_position = state["step"], state["data_position"]
+        self.counters = Counter(state["counters"])
+        if _rank0():
+            self.harness.load_state_dict(state["harness"])
+        self._sync_weights(version=self.step_num)
+        _log(f"resumed from {ckpt} at step {self.step_num}")
+
+    def _on_sigterm(self, signum, frame):
+        _log("SIGTERM: finishing this step, saving a checkpoint and exiting")
+        self.stop_requested = True
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self) -> int:
+        a = self.args
+        if self.step_num == 0:
+            self.evaluate("before")
+        while self.step_num < a.train_iters:
+            stop = torch.tensor(1.0 if self.stop_requested else 0.0)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item():
+                self.save_checkpoint(reason="SIGTERM")
+                return 0
+            m = self.train_step()
+            self.log_metrics(m)
+            if a.save_interval and self.step_num % a.save_interval == 0 and self.step_num < a.train_iters:
+                self.save_checkpoint()
+            if a.eval_interval and self.step_num % a.eval_interval == 0 and self.step_num < a.train_iters:
+                self.evaluate("interval")
+        self.evaluate("after")
+        if self.run_dir:
+            self.save_checkpoint(reason="end of training")
+            if _rank0():
+                from ophsd.train.report import write_report
+
+                write_report(self.run_dir)
+        return 0
+
+    def close(self):
+        if self._metrics_file:
+            self._metrics_file.close()
+        if self._tb:
+            self._tb.close()
+        if self.engine is not None:
+            self.engine.close()
