@@ -30,6 +30,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = ["partial_stats", "jsd_partial", "grad", "is_available", "unavailable_reason",
            "runs_on", "why_not", "CONFIG"]
@@ -42,7 +43,8 @@ _KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 # Launch parameters, per kernel. Chosen on an H100 (see kernels/BENCHMARKS.md); the
 # benchmark's --sweep mode overrides them through this dict.
 CONFIG = {
-    "stats": {"BLOCK": 4096, "num_warps": 8, "num_stages": 2},
+    # FUSED: tuple reductions (None: on for compiled kernels, off under the interpreter).
+    "stats": {"BLOCK": 4096, "num_warps": 8, "num_stages": 2, "FUSED": None},
     "jsd": {"BLOCK": 4096, "num_warps": 8, "num_stages": 2},
     "grad": {"BLOCK": 4096, "num_warps": 8, "num_stages": 1},
 }
@@ -84,15 +86,31 @@ def unavailable_reason() -> str:
     return ""
 
 
+def _triton_itself_interpreted() -> bool:
+    """Triton's own @jit helpers (the combine functions of tl.sum/tl.max) were decorated
+    when triton was first imported: they are interpretable only if TRITON_INTERPRET was set
+    before that import, not merely before this module's."""
+    try:
+        from triton.language import standard
+    except ImportError:
+        return True
+    fn = getattr(standard, "_sum_combine", None)
+    return fn is None or type(fn).__name__ == "InterpretedFunction"
+
+
 def runs_on(device) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return not _interpreted() and torch.cuda.is_available()
-    return device.type == "cpu" and _interpreted()
+    return device.type == "cpu" and _interpreted() and _triton_itself_interpreted()
 
 
 def why_not(device) -> str:
     device = torch.device(device)
+    if device.type == "cpu" and _interpreted() and not _triton_itself_interpreted():
+        return ("triton was imported before TRITON_INTERPRET=1 was set, so its own reduction "
+                "helpers are compiled-mode functions the interpreter cannot call; set "
+                "TRITON_INTERPRET=1 before anything imports triton (environment or conftest.py)")
     if device.type == "cuda" and _interpreted():
         return ("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 was set "
                 "when ophsd_kernels.triton_divergence was imported); they cannot take CUDA tensors")
@@ -107,27 +125,62 @@ def why_not(device) -> str:
 
 
 @triton.jit
-def _stats_update(s, t, dst, m_s, z_s, m_t, z_t, a, KIND: tl.constexpr):
-    # s, t: base-2 scaled logits of one block, masked lanes -inf (so their e is 0);
-    # dst = s - t with masked lanes 0 (so e * dst is 0 there, never 0 * NaN).
-    ms_new = tl.maximum(m_s, tl.max(s, 0))
-    mt_new = tl.maximum(m_t, tl.max(t, 0))
-    e_s = tl.exp2(s - ms_new)
-    e_t = tl.exp2(t - mt_new)
+def _max2(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+
+@triton.jit
+def _sum3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _stats_update(xs, xt, dx, m_s, z_s, m_t, z_t, a, scale, KIND: tl.constexpr,
+                  FUSED: tl.constexpr):
+    # xs, xt: raw fp32 logits of one block, masked lanes -inf (so their e is 0);
+    # dx = xs - xt with masked lanes 0 (so e * dx is 0 there, never 0 * NaN).
+    # m_*: running maxima in base-2 tempered units (x * scale); z_*: sums of 2^(x*scale - m);
+    # a: sum of e * dx in raw units. max(x * scale) = scale * max(x) as scale > 0, so the
+    # scale is applied once per block to the maxima and fused into the exponent's FFMA.
+    # FUSED: one tuple reduction for both maxima and one for the three sums (fewer
+    # barriers on a GPU); the interpreter runs tuple reductions element by element in
+    # Python (40x slower), so it takes separate reductions of the same values.
+    if FUSED:
+        bs, bt = tl.reduce((xs, xt), 0, _max2)
+    else:
+        bs = tl.max(xs, 0)
+        bt = tl.max(xt, 0)
+    ms_new = tl.maximum(m_s, bs * scale)
+    mt_new = tl.maximum(m_t, bt * scale)
+    e_s = tl.exp2(xs * scale - ms_new)
+    e_t = tl.exp2(xt * scale - mt_new)
     al_s = tl.exp2(m_s - ms_new)
     al_t = tl.exp2(m_t - mt_new)
-    z_s = z_s * al_s + tl.sum(e_s, 0)
-    z_t = z_t * al_t + tl.sum(e_t, 0)
-    if KIND == 0:
-        a = a * al_s + tl.sum(e_s * dst, 0)
-    elif KIND == 1:
-        a = a * al_t - tl.sum(e_t * dst, 0)
+    # JSD does not need a, but computing it like reverse KL makes NaN/Inf inputs surface
+    # in the statistics (e * dx is NaN or Inf for them).
+    if KIND == 1:
+        w = e_t * dx
+    else:
+        w = e_s * dx
+    if FUSED:
+        sz_s, sz_t, sa = tl.reduce((e_s, e_t, w), 0, _sum3)
+    else:
+        sz_s = tl.sum(e_s, 0)
+        sz_t = tl.sum(e_t, 0)
+        sa = tl.sum(w, 0)
+    if KIND == 1:
+        a = a * al_t - sa
+    else:
+        a = a * al_s + sa
+    z_s = z_s * al_s + sz_s
+    z_t = z_t * al_t + sz_t
     return ms_new, z_s, mt_new, z_t, a
 
 
 @triton.jit
 def _stats_kernel(S, T, OUT, stride_s, stride_t, n_valid, n_full, scale,
-                  KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
+                  FUSED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
@@ -137,39 +190,50 @@ def _stats_kernel(S, T, OUT, stride_s, stride_t, n_valid, n_full, scale,
     z_s = tl.zeros((), tl.float32)
     z_t = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)
-    chk = tl.zeros((BLOCK,), tl.float32)
     for start in tl.range(0, n_full, BLOCK, num_stages=NUM_STAGES):
-        s = tl.load(s_row + start + offs).to(tl.float32) * scale
-        t = tl.load(t_row + start + offs).to(tl.float32) * scale
-        chk += (s - s) + (t - t)
-        m_s, z_s, m_t, z_t, a = _stats_update(s, t, s - t, m_s, z_s, m_t, z_t, a, KIND)
+        xs = tl.load(s_row + start + offs).to(tl.float32)
+        xt = tl.load(t_row + start + offs).to(tl.float32)
+        m_s, z_s, m_t, z_t, a = _stats_update(xs, xt, xs - xt, m_s, z_s, m_t, z_t, a, scale,
+                                              KIND, FUSED)
     if n_full < n_valid:
         cols = n_full + offs
         mask = cols < n_valid
-        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
-        chk += (s - s) + (t - t)
-        m_s, z_s, m_t, z_t, a = _stats_update(tl.where(mask, s, float("-inf")),
-                                              tl.where(mask, t, float("-inf")), s - t,
-                                              m_s, z_s, m_t, z_t, a, KIND)
-    # chk is 0 unless some valid input was NaN/Inf; adding it keeps z_s exact otherwise.
-    z_s = z_s + tl.sum(chk, 0)
+        xs = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+        xt = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+        m_s, z_s, m_t, z_t, a = _stats_update(tl.where(mask, xs, float("-inf")),
+                                              tl.where(mask, xt, float("-inf")), xs - xt,
+                                              m_s, z_s, m_t, z_t, a, scale, KIND, FUSED)
+    a = a * (scale * 0.6931471805599453)
+    if KIND == 2:
+        z_s = z_s + a * 0.0  # NaN iff some valid input was NaN/Inf; exact otherwise
+        a = 0.0
     o = OUT + row * 5
     tl.store(o + 0, m_s * 0.6931471805599453)
     tl.store(o + 1, z_s)
     tl.store(o + 2, m_t * 0.6931471805599453)
     tl.store(o + 3, z_t)
-    tl.store(o + 4, a * 0.6931471805599453)
+    tl.store(o + 4, a)
 
 
 @triton.jit
-def _jsd_terms(s, t, lse_s2, lse_t2, beta):
+def _log2(x, FAST: tl.constexpr):
+    # FAST: the hardware lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 lowers to a
+    # ~20-instruction polynomial, which made JSD issue-bound (bench_aot: 49 instructions
+    # per element pair). The interpreter has no libdevice, so it takes tl.log2.
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _jsd_terms(s, t, lse_s2, lse_t2, beta, FAST_LOG: tl.constexpr):
     ls = s - lse_s2
     lt = t - lse_t2
     p_s = tl.exp2(ls)
     p_t = tl.exp2(lt)
     m = beta * p_t + (1.0 - beta) * p_s
-    lm = tl.log2(m)
+    lm = _log2(m, FAST_LOG)
     pos = m > 0.0
     bs = tl.where(pos, p_s * (ls - lm), 0.0)
     bt = tl.where(pos, p_t * (lt - lm), 0.0)
@@ -178,7 +242,7 @@ def _jsd_terms(s, t, lse_s2, lse_t2, beta):
 
 @triton.jit
 def _jsd_kernel(S, T, OUT, LSE_S, LSE_T, stride_s, stride_t, n_valid, n_full, scale, beta,
-                BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, FAST_LOG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
@@ -190,7 +254,7 @@ def _jsd_kernel(S, T, OUT, LSE_S, LSE_T, stride_s, stride_t, n_valid, n_full, sc
     for start in tl.range(0, n_full, BLOCK, num_stages=NUM_STAGES):
         s = tl.load(s_row + start + offs).to(tl.float32) * scale
         t = tl.load(t_row + start + offs).to(tl.float32) * scale
-        bs, bt = _jsd_terms(s, t, lse_s2, lse_t2, beta)
+        bs, bt = _jsd_terms(s, t, lse_s2, lse_t2, beta, FAST_LOG)
         acc_s += bs
         acc_t += bt
     if n_full < n_valid:
@@ -198,7 +262,7 @@ def _jsd_kernel(S, T, OUT, LSE_S, LSE_T, stride_s, stride_t, n_valid, n_full, sc
         mask = cols < n_valid
         s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
         t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * scale
-        bs, bt = _jsd_terms(s, t, lse_s2, lse_t2, beta)
+        bs, bt = _jsd_terms(s, t, lse_s2, lse_t2, beta, FAST_LOG)
         acc_s += tl.where(mask, bs, 0.0)
         acc_t += tl.where(mask, bt, 0.0)
     tl.store(OUT + row * 2, tl.sum(acc_s, 0) * 0.6931471805599453)
@@ -206,7 +270,8 @@ def _jsd_kernel(S, T, OUT, LSE_S, LSE_T, stride_s, stride_t, n_valid, n_full, sc
 
 
 @triton.jit
-def _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND: tl.constexpr):
+def _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND: tl.constexpr,
+                FAST_LOG: tl.constexpr):
     ls = s - lse_s2
     lt = t - lse_t2
     p_s = tl.exp2(ls)
@@ -217,14 +282,15 @@ def _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND: tl.constexpr):
     else:
         m = beta * tl.exp2(lt) + (1.0 - beta) * p_s
         f = tl.where(m > 0.0,
-                     (1.0 - beta) * p_s * ((ls - tl.log2(m)) * 0.6931471805599453 - extra), 0.0)
+                     (1.0 - beta) * p_s * ((ls - _log2(m, FAST_LOG)) * 0.6931471805599453 - extra),
+                     0.0)
     return coef * f
 
 
 @triton.jit
 def _grad_kernel(S, T, G, LSE_S, LSE_T, COEF, EXTRA, stride_s, stride_t, stride_g,
                  n_cols, n_valid, n_cb, scale, beta,
-                 KIND: tl.constexpr, BLOCK: tl.constexpr):
+                 KIND: tl.constexpr, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // n_cb
     start = (pid - row * n_cb) * BLOCK
@@ -244,13 +310,13 @@ def _grad_kernel(S, T, G, LSE_S, LSE_T, COEF, EXTRA, stride_s, stride_t, stride_
         if start + BLOCK <= n_valid:
             s = tl.load(s_ptrs).to(tl.float32) * scale
             t = tl.load(t_ptrs).to(tl.float32) * scale
-            g = _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND)
+            g = _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND, FAST_LOG)
             tl.store(g_ptrs, g.to(G.dtype.element_ty))
         else:
             mask = cols < n_valid
             s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32) * scale
             t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * scale
-            g = _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND)
+            g = _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND, FAST_LOG)
             g = tl.where(mask, g, 0.0)
             tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=cols < n_cols)
 
@@ -291,9 +357,12 @@ def partial_stats(student, teacher, kind, inv_temp, col_start, vocab_size):
     if n == 0:
         return out
     c = _cfg("stats", nv)
+    fused = c.get("FUSED")
+    fused = (not _interpreted()) if fused is None else bool(fused)
     _stats_kernel[(n,)](student, teacher, out, student.stride(0), teacher.stride(0), nv,
                         nv // c["BLOCK"] * c["BLOCK"], float(inv_temp) * LOG2E, KIND=_KIND_ID[kind], BLOCK=c["BLOCK"],
-                        NUM_STAGES=c["num_stages"], num_warps=c["num_warps"])
+                        NUM_STAGES=c["num_stages"], FUSED=fused,
+                        num_warps=c["num_warps"])
     return out
 
 
@@ -310,7 +379,7 @@ def jsd_partial(student, teacher, lse_s, lse_t, beta, inv_temp, col_start, vocab
                       student.stride(0), teacher.stride(0), nv, nv // c["BLOCK"] * c["BLOCK"],
                       float(inv_temp) * LOG2E,
                       float(beta), BLOCK=c["BLOCK"], NUM_STAGES=c["num_stages"],
-                      num_warps=c["num_warps"])
+                      FAST_LOG=not _interpreted(), num_warps=c["num_warps"])
     return out
 
 
@@ -333,5 +402,6 @@ def grad(student, teacher, lse_s, lse_t, coef, extra, kind, beta, inv_temp, col_
                               coef.float().contiguous(), extra.contiguous(),
                               student.stride(0), teacher.stride(0), out.stride(0), v, nv, n_cb,
                               float(inv_temp) * LOG2E, float(beta), KIND=_KIND_ID[kind],
-                              BLOCK=block, num_warps=c["num_warps"])
+                              BLOCK=block, FAST_LOG=not _interpreted(),
+                              num_warps=c["num_warps"])
     return out

@@ -245,6 +245,35 @@ def test_triton_many_blocks_online_rescaling(kind, monkeypatch):
     assert_grad_close(g, ref_g, torch.float32, scale, kind)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_fused_tuple_reductions(kind, monkeypatch):
+    """The compiled default (one tuple reduction for the maxima, one for the sums) computes
+    the same statistics; the interpreter runs it only on this tiny case (it is slow there)."""
+    backend_or_skip("triton")
+    from ophsd_kernels import triton_divergence as td
+
+    cfg = {k: dict(v) for k, v in td.CONFIG.items()}
+    cfg["stats"]["FUSED"] = True
+    monkeypatch.setattr(td, "CONFIG", cfg)
+    if DEV == "cpu":
+        monkeypatch.setattr(td, "_INTERPRET_BLOCK", 64)
+    s, t = make_inputs(2, 150, torch.float32, seed=21, ramp=True)
+    st = td.partial_stats(s, t, kind, 1.25, 0, 140)
+    from ophsd_kernels import reference as ref
+
+    expect = ref.partial_stats(s, t, kind, 1.25, 0, 140)
+    lse = lambda x: x[:, 0] + x[:, 1].log()  # noqa: E731
+    torch.testing.assert_close(lse(st), lse(expect), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(st[:, 2] + st[:, 3].log(), expect[:, 2] + expect[:, 3].log(),
+                               rtol=1e-6, atol=1e-5)
+    if kind != "jsd":
+        z = st[:, 1] if kind == "reverse_kl" else st[:, 3]
+        ze = expect[:, 1] if kind == "reverse_kl" else expect[:, 3]
+        torch.testing.assert_close(st[:, 4] / z, expect[:, 4] / ze, rtol=1e-5, atol=1e-5)
+    else:
+        assert (st[:, 4] == 0).all()
+
+
 def test_triton_grad_writes_every_element():
     """Poison the output buffer: every element (zero rows, padding, tails) must be written."""
     backend_or_skip("triton")
