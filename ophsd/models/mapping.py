@@ -192,16 +192,32 @@ def _global_name(model, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
 
 
+# Which canonical parameters megatron splits over TP, and on which dimension (column-parallel:
+# output rows, dim 0; row-parallel: input columns, dim 1; vocab-parallel embedding/output: 0).
+_TP_DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight", "self_attention.linear_qkv.weight",
+            "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight")
+_TP_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def _partition_dim(name: str) -> int | None:
+    name = normalise_megatron_name(name)
+    if name.endswith(_TP_DIM0):
+        return 0
+    if name.endswith(_TP_DIM1):
+        return 1
+    return None
+
+
 def gather_tp(name: str, tensor: torch.Tensor, param: torch.Tensor, tp_group) -> torch.Tensor:
     """Full tensor from the TP shards of ``tensor`` (the parameter itself or its gradient)."""
     import torch.distributed as dist
 
-    if tp_group is None or dist.get_world_size(tp_group) == 1 or not getattr(param, "tensor_model_parallel", False):
+    if tp_group is None or dist.get_world_size(tp_group) == 1 or _partition_dim(name) is None:
         return tensor.detach()
     world = dist.get_world_size(tp_group)
     shards = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(shards, tensor.detach().contiguous(), group=tp_group)
-    dim = param.partition_dim
+    dim = _partition_dim(name)
     if normalise_megatron_name(name).endswith("mlp.linear_fc1.weight"):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
@@ -231,11 +247,23 @@ def iter_hf_tensors(model, tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
         yield from megatron_to_hf_one(name, t, model.ophsd_spec)
 
 
+def _tp_dim(full_shape, local_shape, tp_size: int):
+    """The dimension a tensor is split on, from the shapes (megatron only sets the
+    ``partition_dim`` attribute when it initialises weights itself)."""
+    if tuple(full_shape) == tuple(local_shape):
+        return None
+    dims = [d for d, (f, loc) in enumerate(zip(full_shape, local_shape)) if f != loc]
+    if len(full_shape) != len(local_shape) or len(dims) != 1 or full_shape[dims[0]] != local_shape[dims[0]] * tp_size:
+        raise MappingError(f"shape mismatch: cannot shard a {tuple(full_shape)} tensor into "
+                           f"{tp_size} x {tuple(local_shape)}")
+    return dims[0]
+
+
 def shard_for_rank(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's shard of a full canonical Megatron tensor (the inverse of the TP gather)."""
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+    dim = _tp_dim(full.shape, param.shape, tp_size)
+    if dim is None:
         return full
-    dim = param.partition_dim
     if name.endswith("mlp.linear_fc1.weight"):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)

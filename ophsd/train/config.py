@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g = ap.add_argument_group("optimisation (Megatron-LM names)")
     g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     g.add_argument("--lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)

@@ -158,7 +158,7 @@ class Trainer:
 
         a = self.args
         cfg = OptimizerConfig(
-            optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
+            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
             adam_beta2=a.adam_beta2, clip_grad=a.clip_grad, bf16=a.bf16, params_dtype=self.dtype,
             use_distributed_optimizer=a.use_distributed_optimizer,
         )
