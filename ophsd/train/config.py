@@ -164,5 +164,10 @@ def validate(args: argparse.Namespace) -> None:
          f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})")
     if args.load:
         need(Path(args.load).is_dir(), f"--load {args.load}: no such directory")
+    if args.use_distributed_optimizer:
+        import torch
+
+        need(torch.cuda.is_available(), "--use-distributed-optimizer needs CUDA/NCCL (gloo has no reduce-scatter); "
+                                        "drop it on CPU")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
