@@ -181,7 +181,7 @@ def test_invalid_requests_raise_clear_errors(engine):
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         engine.generate([[1, 2, 400]], GREEDY)
     with pytest.raises(InvalidRequestError, match="context length"):
-        engine.generate([[5] * 250], GREEDY)
+        engine.generate([[5] * engine.max_context], GREEDY)
     with pytest.raises(InvalidRequestError, match="empty prompt"):
         engine.generate([[]], GREEDY)
     with pytest.raises(ValueError, match="temperature"):
@@ -281,3 +281,23 @@ def test_release_resume_memory_and_health(llama):
     assert not eng.health()
     with pytest.raises(EngineError, match="closed"):
         eng.generate([[5]], GREEDY)
+
+
+@pytest.mark.slow
+def test_real_smollm2_batched_greedy_matches_hf():
+    """SmolLM2-135M (GGUF, dequantised, fp32): batched engine greedy == HF greedy up to EOS."""
+    from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
+
+    src = resolve_model("smollm2-135m")
+    model, tok = load_hf_model(src, torch.float32), load_tokenizer(src)
+    questions = ["What is 17 plus 25?", "Name three primary colors.", "Translate 'good morning' into French."]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=True)["input_ids"]) for q in questions]
+    with EmbeddedEngine.from_pretrained_objects(model, tok) as eng:
+        res = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20, return_logprob=True))
+        assert eng.eos_token_ids == [tok.eos_token_id]
+    for p, (c,) in zip(prompts, res):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
+        assert c.output_ids == ref
+        assert c.finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
+        assert torch.allclose(torch.tensor(c.logprobs), _hf_logprobs(model, p, c.output_ids), atol=1e-3)

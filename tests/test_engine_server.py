@@ -96,7 +96,7 @@ def test_info_health_and_misc_endpoints(served):
     ({"input_ids": [1, 2], "bogus": 1}, None, 400, "unknown field 'bogus'"),
     ({"input_ids": [1, 2], "image_data": "x.png"}, None, 400, "does not implement"),
     ({"input_ids": [1, 999]}, None, 400, "outside the vocabulary"),
-    ({"input_ids": [5] * 300, "sampling_params": {"max_new_tokens": 4}}, None, 400, "context length"),
+    ({"input_ids": [5] * 60000, "sampling_params": {"max_new_tokens": 4}}, None, 400, "context length"),
     ({"input_ids": [1, 2], "sampling_params": {"temprature": 0.5}}, None, 400, "unknown sampling_params key"),
     ({"input_ids": [1, 2], "sampling_params": {"repetition_penalty": 1.3}}, None, 400, "not implemented"),
     ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, None, 400, "top_p"),

@@ -146,7 +146,7 @@ def test_client_errors_are_not_retried(fresh):
         with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
             eng.generate([[1, 4000]], GREEDY)
         with pytest.raises(InvalidRequestError, match="context length"):
-            eng.generate([[1] * 300], GREEDY)
+            eng.generate([[1] * 60000], GREEDY)
 
 
 def test_stale_server_is_detected_and_bypassed(fresh):

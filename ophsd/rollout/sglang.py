@@ -255,10 +255,13 @@ class SGLangEngine(Engine):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
         if self._closed:
             raise EngineError("engine is closed")
-        for p in prompts:
-            if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
-                raise InvalidRequestError("prompts must be sequences of integer token ids")
-        futs = [self._pool.submit(self._generate_one, [int(t) for t in p], sampling) for p in prompts]
+        try:
+            checked = [[int(t) for t in p] for p in prompts]
+        except (TypeError, ValueError):
+            raise InvalidRequestError("prompts must be sequences of integer token ids") from None
+        if any(not p for p in checked):
+            raise InvalidRequestError("empty prompt: give at least one token id")
+        futs = [self._pool.submit(self._generate_one, p, sampling) for p in checked]
         return [f.result() for f in futs]
 
     def _pick(self, exclude: set) -> _Server | None:
