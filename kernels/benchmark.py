@@ -24,7 +24,7 @@ flushes L2 between runs; CPU: wall clock), the bytes model (fwd: read S and T on
 fwd+bwd: two reads of each + one gradient write; JSD: one more read of each), achieved
 bandwidth = model bytes / time, the floor = model bytes / measured device copy bandwidth,
 and peak extra memory (beyond the inputs and, for fwd+bwd, the gradient itself; CUDA:
-``max_memory_allocated``; CPU: sampled RSS growth, coarse). Writes CSV (+ PNG when
+``max_memory_allocated``; CPU: sampled in-use heap growth, coarse). Writes CSV (+ PNG when
 matplotlib imports) under ``--out``.
 """
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Row:
     ms: Optional[float] = None
     ms_p20: Optional[float] = None
     ms_p80: Optional[float] = None
+    cpu_ms: Optional[float] = None  # CPU runs: median process CPU time (all threads)
     model_gb: Optional[float] = None
     tbps: Optional[float] = None
     floor_ms: Optional[float] = None
@@ -144,50 +145,69 @@ def copy_bandwidth(device) -> float:
 
 
 def time_fn(fn: Callable, device, rep_ms=200, warmup_ms=50, grad_to_none=None, cpu_reps=5):
-    """(median, p20, p80) in ms."""
+    """(median, p20, p80) wall ms, plus the median process CPU ms on CPU (None on CUDA).
+
+    CPU: process CPU time (all threads) is reported beside wall time because wall time on a
+    shared machine measures the other tenants as much as the code."""
     if device.type == "cuda":
         import triton.testing
 
         q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                     quantiles=[0.5, 0.2, 0.8])
-        return tuple(float(x) for x in q)
+        return tuple(float(x) for x in q) + (None,)
     fn()  # warm-up
-    ts = []
+    ts, cs = [], []
     for _ in range(cpu_reps):
         if grad_to_none:
             for x in grad_to_none:
                 x.grad = None
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
+        cs.append((time.process_time() - c0) * 1e3)
     ts.sort()
-    return statistics.median(ts), ts[len(ts) // 5], ts[min(len(ts) - 1, (4 * len(ts)) // 5)]
+    return (statistics.median(ts), ts[len(ts) // 5], ts[min(len(ts) - 1, (4 * len(ts)) // 5)],
+            statistics.median(cs))
 
 
-class _RssPeak:
-    """Peak resident-set growth of this process, sampled every millisecond (CPU memory)."""
+class _HeapPeak:
+    """Peak growth of this process's in-use heap (glibc ``mallinfo2``: small blocks plus
+    mmapped ones, which is where torch's CPU tensors live), sampled every 0.2 ms. Coarse:
+    a peak shorter than the sampling period can be missed."""
+
+    def __init__(self):
+        import ctypes
+
+        class _MI2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            ).split()]
+
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn.restype = _MI2
+        self._fn = fn
+
+    def _used(self):
+        m = self._fn()
+        return m.uordblks + m.hblkhd
 
     def __enter__(self):
-        self.base = self.peak = self._rss()
+        self.base = self.peak = self._used()
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
 
-    @staticmethod
-    def _rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     def _run(self):
         while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
+            self.peak = max(self.peak, self._used())
+            time.sleep(0.0002)
 
     def __exit__(self, *exc):
         self._stop = True
         self._t.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._used())
 
     @property
     def extra(self):
@@ -203,9 +223,11 @@ def peak_extra_bytes(fn: Callable, device, grad_bytes: int) -> Optional[float]:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base - grad_bytes
-    if not os.path.exists("/proc/self/statm"):
+    try:
+        probe = _HeapPeak()
+    except (OSError, AttributeError):  # not glibc >= 2.33
         return None
-    with _RssPeak() as m:
+    with probe as m:
         fn()
     return m.extra - grad_bytes
 
@@ -269,7 +291,7 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
         grad_bytes = n * v * elem if mode == "fwd+bwd" else 0
         s.grad = None
         peak = peak_extra_bytes(run, device, grad_bytes)
-        ms, p20, p80 = time_fn(run, device, rep_ms=args.rep_ms,
+        ms, p20, p80, cpu_ms = time_fn(run, device, rep_ms=args.rep_ms,
                                grad_to_none=[s] if mode == "fwd+bwd" else None,
                                cpu_reps=args.cpu_reps)
     except torch.OutOfMemoryError as exc:
@@ -280,7 +302,7 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
         s = t = run = None  # noqa: F841
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    row.ms, row.ms_p20, row.ms_p80 = ms, p20, p80
+    row.ms, row.ms_p20, row.ms_p80, row.cpu_ms = ms, p20, p80, cpu_ms
     mb = model_bytes(kind, mode, n, v, elem)
     row.model_gb = mb / 1e9
     row.tbps = mb / (ms * 1e-3) / 1e12
@@ -289,7 +311,8 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
     if peak is not None:
         row.peak_extra_mb = peak / 2**20
         row.extra_pct_logits = 100.0 * peak / (n * v * elem)
-    log(f"  {impl:>16} {kind:>10} N={n:>6} V={v:>6} tp={tp_sim} {mode:>7}: {ms:9.3f} ms "
+    cpu_txt = f" (cpu {cpu_ms:9.1f} ms)" if cpu_ms is not None else ""
+    log(f"  {impl:>16} {kind:>10} N={n:>6} V={v:>6} tp={tp_sim} {mode:>7}: {ms:9.3f} ms{cpu_txt} "
         f"({row.tbps:5.2f} TB/s model, {row.x_floor:5.2f}x floor, extra "
         f"{row.peak_extra_mb if row.peak_extra_mb is not None else float('nan'):9.1f} MiB)")
     return row
@@ -305,7 +328,8 @@ def run_table(args, device):
     copy_bw = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"device: {name}; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s (read+write); "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     liger, liger_why = liger_fn() if device.type == "cuda" else (None, "CPU run")
     impls = args.impls.split(",")
     if device.type == "cpu":
@@ -346,16 +370,22 @@ def run_table(args, device):
     _speedups(rows)
     return rows, {"device_name": name, "copy_tbps": copy_bw / 1e12,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "loadavg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                  "cpu_count": os.cpu_count(),
                   "liger": "available" if liger else f"unavailable: {liger_why}"}
 
 
 def _speedups(rows):
-    ref = {(r.kind, r.n, r.v, r.dtype, r.mode): r.ms for r in rows
-           if r.impl == "torch_chunked" and r.ms}
+    """Speed-up over torch_chunked: by wall time on CUDA, by process CPU time on CPU."""
+    def t(r):
+        return r.cpu_ms if r.cpu_ms is not None else r.ms
+
+    ref = {(r.kind, r.n, r.v, r.dtype, r.mode): t(r) for r in rows
+           if r.impl == "torch_chunked" and t(r)}
     for r in rows:
         base = ref.get((r.kind, r.n, r.v, r.dtype, r.mode))
-        if base and r.ms:
-            r.speedup_vs_torch_chunked = base / r.ms
+        if base and t(r):
+            r.speedup_vs_torch_chunked = base / t(r)
 
 
 def run_sweep(args, device):
@@ -386,22 +416,36 @@ def run_sweep(args, device):
                                  out=out), 3),
     }
     for name, (fn, n_tensors) in kernels.items():
+        if name not in args.sweep_kernels.split(","):
+            continue
+        grid = []
         for block in (1024, 2048, 4096, 8192):
             for warps in (4, 8, 16):
-                for stages in ((1, 2, 3, 4) if name != "grad" else (1,)):
-                    td.CONFIG[name] = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
-                    try:
-                        ms = time_fn(fn, device, rep_ms=args.rep_ms)[0]
-                    except Exception as exc:  # noqa: BLE001 - e.g. too many registers
-                        print(f"{name} B={block} w={warps} st={stages}: failed {exc!s:.80}")
-                        continue
-                    gb = n_tensors * n * v * elem
-                    tbps = gb / (ms * 1e-3) / 1e12
-                    rows.append(dict(kernel=name, block=block, warps=warps, stages=stages,
-                                     ms=ms, tbps=tbps, x_copy=copy_bw / 1e12 / tbps))
-                    print(f"{name:>5} B={block:>5} w={warps:>2} st={stages}: {ms:8.3f} ms "
-                          f"{tbps:5.2f} TB/s ({copy_bw / 1e12 / tbps:4.2f}x copy)")
-                    td.CONFIG[name] = dict(orig[name])
+                if name == "grad":
+                    grid.append({"BLOCK": block, "num_warps": warps, "num_stages": 1})
+                    continue
+                if block == 1024:
+                    continue
+                for stages in (1, 2, 3):
+                    for fused in ((True, False) if name == "stats" else (None,)):
+                        c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
+                        if fused is not None:
+                            c["FUSED"] = fused
+                        grid.append(c)
+        for cfg in grid:
+            td.CONFIG[name] = cfg
+            try:
+                ms = time_fn(fn, device, rep_ms=args.rep_ms)[0]
+            except Exception as exc:  # noqa: BLE001 - e.g. out of resources
+                print(f"{name} {cfg}: failed {exc!s:.80}")
+                continue
+            finally:
+                td.CONFIG[name] = dict(orig[name])
+            gb = n_tensors * n * v * elem
+            tbps = gb / (ms * 1e-3) / 1e12
+            rows.append(dict(kernel=name, **cfg, ms=ms, tbps=tbps, x_copy=copy_bw / 1e12 / tbps))
+            print(f"{name:>5} {json.dumps(cfg)}: {ms:8.3f} ms {tbps:5.2f} TB/s "
+                  f"({copy_bw / 1e12 / tbps:4.2f}x copy time)")
     best = {}
     for r in rows:
         if r["kernel"] not in best or r["ms"] < best[r["kernel"]]["ms"]:
@@ -461,7 +505,7 @@ def run_tp(args):
 # output
 
 
-COLS = ["impl", "kind", "n", "v", "tp_sim", "dtype", "mode", "ms", "tbps", "floor_ms", "x_floor",
+COLS = ["impl", "kind", "n", "v", "tp_sim", "dtype", "mode", "ms", "cpu_ms", "tbps", "floor_ms", "x_floor",
         "speedup_vs_torch_chunked", "peak_extra_mb", "extra_pct_logits", "note"]
 
 
@@ -543,6 +587,7 @@ def main(argv=None):
     p.add_argument("--tag")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-kind", default="reverse_kl")
+    p.add_argument("--sweep-kernels", default="stats,grad,jsd")
     p.add_argument("--tp", action="store_true", help="real TP under torchrun")
     p.add_argument("--tp-warmup", type=int, default=5)
     p.add_argument("--tp-iters", type=int, default=20)

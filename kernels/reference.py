@@ -63,6 +63,11 @@ def _row_chunks(n_rows: int, n_cols: int):
         yield r0, min(n_rows, r0 + step)
 
 
+def _rowdot(x, y):
+    """Per-row dot product (one batched matmul instead of a product and a sum)."""
+    return torch.einsum("ij,ij->i", x, y)
+
+
 def partial_stats(student, teacher, kind, inv_temp, col_start, vocab_size):
     n, v = student.shape
     nv = _n_valid(v, col_start, vocab_size)
@@ -75,22 +80,29 @@ def partial_stats(student, teacher, kind, inv_temp, col_start, vocab_size):
         t = teacher[r0:r1, :nv].float() * inv_temp
         m_s = s.amax(dim=1, keepdim=True)
         m_t = t.amax(dim=1, keepdim=True)
-        e_s = torch.exp(s - m_s)
-        e_t = torch.exp(t - m_t)
+        e_s = (s - m_s).exp_()
+        e_t = (t - m_t).exp_()
+        z_s = e_s.sum(dim=1)
+        diff = s.sub_(t)  # s - t (s is not needed any more)
         o = out[r0:r1]
         o[:, 0] = m_s[:, 0]
-        o[:, 1] = e_s.sum(dim=1)
         o[:, 2] = m_t[:, 0]
         o[:, 3] = e_t.sum(dim=1)
-        if kind == "reverse_kl":
-            o[:, 4] = (e_s * (s - t)).sum(dim=1)
-        elif kind == "forward_kl":
-            o[:, 4] = (e_t * (t - s)).sum(dim=1)
+        if kind == "forward_kl":
+            o[:, 4] = -_rowdot(e_t, diff)
+            o[:, 1] = z_s
         else:
-            o[:, 4] = 0.0
-        # Non-finite inputs must surface as non-finite stats whatever the kind.
-        bad = ~(torch.isfinite(s).all(dim=1) & torch.isfinite(t).all(dim=1))
-        o[bad] = math.nan
+            a = _rowdot(e_s, diff)
+            if kind == "reverse_kl":
+                o[:, 4] = a
+                o[:, 1] = z_s
+            else:
+                # JSD needs no a; adding a * 0 makes NaN/Inf inputs surface in z_s.
+                o[:, 4] = 0.0
+                o[:, 1] = z_s + a * 0.0
+        # NaN/Inf inputs surface as non-finite stats without a separate check: NaN or +inf
+        # poisons m or z; -inf gives e = 0 next to an infinite (s - t), so e * (s - t) is NaN
+        # or infinite in a (both KL kinds; JSD through the term above).
     return out
 
 
@@ -124,18 +136,21 @@ def grad(student, teacher, lse_s, lse_t, coef, extra, kind, beta, inv_temp, col_
         live = c[:, 0] != 0
         if not bool(live.any()):
             continue
-        log_ps = student[r0:r1, :nv].float() * inv_temp - lse_s[r0:r1, None]
-        log_pt = teacher[r0:r1, :nv].float() * inv_temp - lse_t[r0:r1, None]
-        p_s = torch.exp(log_ps)
+        log_ps = student[r0:r1, :nv].float() * inv_temp
+        log_ps -= lse_s[r0:r1, None]
+        log_pt = teacher[r0:r1, :nv].float() * inv_temp
+        log_pt -= lse_t[r0:r1, None]
+        p_s = log_ps.exp()
         x = extra[r0:r1, None]
         if kind == "reverse_kl":
-            f = p_s * (log_ps - log_pt - x)
+            f = log_ps.sub_(log_pt).sub_(x).mul_(p_s)  # p_s (log p_s - log p_t - d)
         elif kind == "forward_kl":
-            f = p_s - torch.exp(log_pt)
+            f = p_s.sub_(log_pt.exp_())  # p_s - p_t
         else:
-            f = (1.0 - beta) * p_s * (log_ps - _log_m(log_ps, log_pt, beta) - x)
-        g = c * f
-        # Rows with coef 0 are exact zeros even where f is not finite.
-        g = torch.where(live[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
-        out[r0:r1, :nv] = g.to(student.dtype)
+            f = (log_ps - _log_m(log_ps, log_pt, beta)).sub_(x).mul_(p_s).mul_(1.0 - beta)
+        g = f.mul_(c)
+        if not bool(live.all()):
+            # Rows with coef 0 are exact zeros even where f is not finite.
+            g = torch.where(live[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+        out[r0:r1, :nv] = g
     return out
