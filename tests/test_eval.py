@@ -102,23 +102,27 @@ def test_pass_k_spec():
 
 # ------------------------------------------------------------------------- CLI on the tiny model
 
-@pytest.fixture(scope="module")
-def tiny_long(tiny_model_dir, tmp_path_factory):
-    """The tiny llama with a 4096-token context (harness prompts are longer than its 256)."""
+def _with_context(src, dst, n_ctx):
     import shutil
 
-    dst = tmp_path_factory.mktemp("tiny_long") / "m"
-    shutil.copytree(tiny_model_dir("llama"), dst)
+    shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
+    cfg["max_position_embeddings"] = n_ctx
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
 
+@pytest.fixture(scope="module")
+def tiny_long(tiny_model_dir, tmp_path_factory):
+    """The tiny llama with a 4096-token context (harness prompts are long)."""
+    return _with_context(tiny_model_dir("llama"), tmp_path_factory.mktemp("tiny_long") / "m", 4096)
+
+
 def test_cli_prompt_too_long_is_counted_not_fatal(tiny_model_dir, tmp_path):
     out = tmp_path / "r.json"
-    # the tiny model's 256-token context cannot hold the plan prompts: failures are counted
-    rc = main(["--task", "arith", "--model", str(tiny_model_dir("llama")), "--limit", "2",
+    short = _with_context(tiny_model_dir("llama"), tmp_path / "short", 64)
+    # a 64-token context cannot hold the plan prompts: failures are counted, the eval finishes
+    rc = main(["--task", "arith", "--model", str(short), "--limit", "2",
                "--max-new-tokens", "4", "--plan-tokens", "4", "--output", str(out), "--no-progress"])
     res = json.loads(out.read_text())
     assert rc == 0 and res["harness"]["n"] == 2
