@@ -25,11 +25,14 @@ def write_report(run_dir: str | Path) -> Path:
     evals = [r for r in rows if "eval/standalone_accuracy" in r]
     lines = [f"# OPHSD run report: `{run_dir.name}`", ""]
     if evals:
-        lines += ["## Evaluation", "", "| when | step | standalone | harness-attached | n |", "|---|---|---|---|---|"]
+        lines += ["## Evaluation", "", "Probe divergence: the divergence on a fixed batch of dev pairs built "
+                  "from the initial weights (comparable across steps, unlike the on-policy training loss).", "",
+                  "| when | step | standalone | harness-attached | n | probe divergence |", "|---|---|---|---|---|---|"]
         for r in evals:
-            h = r.get("eval/harness_accuracy")
+            h, pd = r.get("eval/harness_accuracy"), r.get("eval/probe_divergence")
             lines.append(f"| {r.get('tag', '')} | {r['step']} | {r['eval/standalone_accuracy']:.1%} | "
-                         f"{'' if h is None else f'{h:.1%}'} | {r.get('eval/n', '')} |")
+                         f"{'' if h is None else f'{h:.1%}'} | {r.get('eval/n', '')} | "
+                         f"{'' if pd is None else f'{pd:.4f}'} |")
         lines.append("")
     if steps:
         lines += ["## Training steps", "", "| step | loss | grad norm | pairs kept | tokens | step time (s) |",

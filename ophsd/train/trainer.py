@@ -336,8 +336,11 @@ class Trainer:
         z, s = zs
         return torch.log(z) - s / z
 
-    def _train_on(self, samples: list[Sample]) -> dict:
-        """Teacher forward, student forward/backward and the optimizer step on this rank's share."""
+    def _train_on(self, samples: list[Sample], forward_only: bool = False) -> dict:
+        """Teacher forward, student forward/backward and the optimizer step on this rank's share.
+
+        ``forward_only``: just the weighted mean divergence (the probe metric), no update.
+        """
         from ophsd.models import forward
         from ophsd_kernels import vocab_parallel_divergence
 
@@ -374,11 +377,13 @@ class Trainer:
             wsum = (w * per_tok).sum()
             return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(), "n": torch.tensor(float(w.numel()))}
 
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        if not forward_only:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
         t0 = time.perf_counter()
-        out = forward.run_schedule(self.model, [{"tokens": mb.student_tokens, "mb": mb, "i": i}
-                                                for i, mb in enumerate(mbs)], loss_fn)
+        with torch.set_grad_enabled(not forward_only):
+            out = forward.run_schedule(self.model, [{"tokens": mb.student_tokens, "mb": mb, "i": i}
+                                                    for i, mb in enumerate(mbs)], loss_fn, forward_only=forward_only)
         t_student = time.perf_counter() - t0
         stats = torch.zeros(3)
         if ps.is_pipeline_last_stage() and tp_rank == 0:
@@ -386,6 +391,8 @@ class Trainer:
                 stats += torch.stack([o["wsum"].float().cpu(), o["w"].float().cpu(), o["n"].float().cpu()])
         dist.all_reduce(stats)
         loss = float(stats[0] / stats[1].clamp_min(1e-12))
+        if forward_only:
+            return {"loss": loss}
         finite = torch.tensor(1.0 if math.isfinite(loss) and self._grads_finite() else 0.0)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         result = {"loss": loss, f"divergence/{a.divergence if a.objective == 'distill' else 'nll'}": loss,
@@ -485,27 +492,61 @@ class Trainer:
                   f"sync {m.get('time/sync', 0):.1f}s", flush=True)
 
     # ------------------------------------------------------------------------------ eval
+    def _probe_divergence(self) -> float | None:
+        """Divergence on a fixed probe batch: greedy student responses and harness teacher
+        contexts, both built once from the initial weights on dev examples. On-policy training
+        losses come from a fresh batch each step (noisy); this one is comparable across steps."""
+        a = self.args
+        if a.objective != "distill":
+            return None
+        if getattr(self, "_probe", None) is None:
+            probe = None
+            if _rank0():
+                from ophsd.rollout import SamplingParams
+
+                examples = self._eval_examples()[: a.rollout_batch_size]
+                prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
+                outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=a.max_response_length))
+                results = self.harness.run(examples, self.engine, training=True)
+                samples = [Sample(p, self.engine.apply_chat_template(r.teacher_messages), list(o[0].output_ids))
+                           for p, o, r in zip(prompts, outs, results)]
+                probe = filter_pairs(samples, a.max_prompt_length, a.max_response_length + 1)[0]
+                probe = probe[: len(probe) - len(probe) % a.micro_batch_size] or probe
+            self._probe = _broadcast(probe)
+        if not self._probe:
+            return None
+        return self._train_on(self._probe, forward_only=True)["loss"]
+
+    def _eval_examples(self) -> list:
+        a = self.args
+        if a.eval_data:
+            return list(self.task.dataset(a.eval_data, split="all"))[: a.eval_limit]
+        if a.data:
+            return list(self.task.dataset(a.data, split="dev", seed=a.seed))[: a.eval_limit]
+        return [self.task.example(i, "dev") for i in range(a.eval_limit)]
+
     def evaluate(self, tag: str) -> dict | None:
         a = self.args
-        if a.skip_eval or not _rank0():
+        if a.skip_eval:
+            return None
+        probe = self._probe_divergence()  # collective
+        if not _rank0():
             dist.barrier()
             return None
         from ophsd.eval import evaluate
 
-        if a.eval_data:
-            examples = list(self.task.dataset(a.eval_data, split="all"))[: a.eval_limit]
-        elif a.data:
-            examples = list(self.task.dataset(a.data, split="dev", seed=a.seed))[: a.eval_limit]
-        else:
-            examples = [self.task.example(i, "dev") for i in range(a.eval_limit)]
+        examples = self._eval_examples()
         harness = self.harness if a.harness != "opsd" else None
         res = evaluate(self.task, examples, self.engine, harness, progress=True)
         row = {"step": self.step_num, "tag": tag,
                "eval/standalone_accuracy": res["standalone"]["accuracy"], "eval/n": res["standalone"]["n"]}
         if res.get("harness"):
             row["eval/harness_accuracy"] = res["harness"]["accuracy"]
+        if probe is not None:
+            row["eval/probe_divergence"] = probe
         _log(f"eval ({tag}, step {self.step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
              + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
+             + (f", probe {a.divergence} {probe:.4f}" if probe is not None else "")
              + f" on {row['eval/n']} examples")
         self.log_metrics(row)
         dist.barrier()
