@@ -371,3 +371,18 @@ def test_draft_verify_multilabel_lawbench(tmp_path):
     shots = [m["content"] for m in res.trace[0]["messages"] if m["role"] == "assistant"]
     assert all(s in ("盗窃", "诈骗", "诈骗, 盗窃") for s in shots)
     assert task.score_answer(res.answer, Example("q", "", ["盗窃"])) == 1.0
+
+
+def test_draft_verify_fuzzy_match_of_shown_labels(tmp_path):
+    task, data = bank_task_and_data(tmp_path)
+    bank = build_bank(data, task, embedder="tfidf", progress=False)
+    h = DraftVerifyHarness(task, bank=bank, cold_start=1, progress=False)
+    shown = ["top_up_failed", "card_arrival"]
+    assert h.parse("top_up_faild", shown) == "top_up_failed"          # near-copy of a shown label
+    assert h.parse("Top-Up Failled\nbecause", shown) == "top_up_failed"
+    assert h.parse("exchange rate", shown) == "exchange_rate"         # full label set as fallback
+    assert h.parse("I am sorry for the confusion", shown) is None
+    assert h.parse("top_up_faild", ["exchange_rate"]) is None         # not near any shown label
+    assert h.stats()["parse/fuzzy"] == 2
+    strict = DraftVerifyHarness(task, bank=bank, cold_start=1, progress=False, fuzzy_cutoff=None)
+    assert strict.parse("top_up_faild", shown) is None

@@ -18,6 +18,7 @@ without ``--bank-data``: after each example's own prediction). ``state_dict`` ho
 """
 from __future__ import annotations
 
+import difflib
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from ophsd.harness.base import Harness, HarnessResult, register_harness
 from ophsd.harness.memory_bank import MemoryBank, Neighbour
 from ophsd.tasks.base import Example
-from ophsd.tasks.rewards import LabelParser
+from ophsd.tasks.rewards import LabelParser, normalize_label, strip_think
 
 
 def _clip(text: str, n: int) -> str:
@@ -41,7 +42,7 @@ class DraftVerifyHarness(Harness):
     def __init__(self, task, bank: MemoryBank | None = None, embedder="auto", k: int = 5,
                  n_confirm: int = 3, n_contrast: int = 3, cold_start: int = 16,
                  draft_tokens: int | None = None, verify_tokens: int | None = None,
-                 max_text_chars: int = 300, **kw):
+                 max_text_chars: int = 300, fuzzy_cutoff: float | None = 0.8, **kw):
         super().__init__(task, **kw)
         if getattr(task, "kind", None) != "classification":
             raise ValueError(f"draft_verify needs a classification task, got {task.name!r} ({task.kind})")
@@ -51,6 +52,9 @@ class DraftVerifyHarness(Harness):
         self.draft_tokens = int(draft_tokens or task.max_new_tokens)
         self.verify_tokens = int(verify_tokens or task.max_new_tokens)
         self.max_text_chars = int(max_text_chars)
+        # Similarity (difflib ratio) above which a misspelt copy of a *shown* label counts as that
+        # label ("top_up_revented" -> "top_up_reverted"); None disables it.
+        self.fuzzy_cutoff = fuzzy_cutoff
 
     # -- bank -------------------------------------------------------------------------------
     def update(self, examples: Sequence[Example]) -> None:
@@ -104,7 +108,8 @@ class DraftVerifyHarness(Harness):
 
     # -- parsing ----------------------------------------------------------------------------
     def parse(self, text: str | None, candidates: Sequence) -> object:
-        """The answer in ``text``: matched against the candidate labels shown first, then all labels."""
+        """The answer in ``text``: the labels shown in the prompt first (exact or mentioned, then a
+        near-copy of one when ``fuzzy_cutoff`` is set), then the full label set."""
         if not text or not text.strip():
             return None
         t = self.task
@@ -116,6 +121,13 @@ class DraftVerifyHarness(Harness):
             got = p(text)
             if got is not None:
                 return got
+            if self.fuzzy_cutoff:
+                first = next((ln for ln in strip_think(text).splitlines() if ln.strip()), "")
+                norm = {normalize_label(c): c for c in flat}
+                close = difflib.get_close_matches(normalize_label(first), list(norm), n=1, cutoff=self.fuzzy_cutoff)
+                if close:
+                    self.count("parse/fuzzy")
+                    return norm[close[0]]
         return t.extract_answer(text)
 
     # -- run --------------------------------------------------------------------------------
