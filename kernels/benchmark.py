@@ -3,7 +3,7 @@
     python -m ophsd_kernels.benchmark                       # GPU: full table (bf16)
     python -m ophsd_kernels.benchmark --device cpu          # CPU: C++ vs PyTorch, N=4096 V=32768 fp32
     python -m ophsd_kernels.benchmark --sweep               # GPU: launch-parameter sweep per kernel
-    torchrun --nproc-per-node 8 -m ophsd_kernels.benchmark --tp   # real TP, fixed iteration counts
+    torchrun --nproc-per-node 8 -m ophsd_kernels.benchmark --tp --tokens 16384 --vocab 151936
 
 Implementations compared (same inputs, same loss definition, ``mean`` over tokens):
 
@@ -569,8 +569,9 @@ def save(rows, meta, out_dir, tag):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n", type=int, nargs="+")
-    p.add_argument("--v", type=int, nargs="+")
+    # --tokens/--vocab: torchrun's own parser would take --n/--v for its abbreviations.
+    p.add_argument("--tokens", "--n", dest="n", type=int, nargs="+", help="N values")
+    p.add_argument("--vocab", "--v", dest="v", type=int, nargs="+", help="V values (global)")
     p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--kinds", default="reverse_kl,forward_kl,jsd")
     p.add_argument("--modes", default="fwd,fwd+bwd")
@@ -602,7 +603,11 @@ def main(argv=None):
     if args.tp_sim is None:
         args.tp_sim = [2, 4, 8] if gpu else []
     if args.tp:
-        run_tp(args)
+        res = run_tp(args)
+        if res:  # rank 0
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"{args.tag or 'tp'}.json"), "w") as f:
+                json.dump(res, f, indent=1)
         return 0
     tag = args.tag or ("sweep" if args.sweep else device.type)
     if args.sweep:

@@ -388,10 +388,15 @@ def vocab_parallel_divergence(
     be = get_backend(backend, student_logits.device)
     teacher = teacher_logits.detach()
     student = student_logits
-    if student.stride(1) != 1:
-        student = student.contiguous()
-    if teacher.stride(1) != 1:
-        teacher = teacher.contiguous()
+    # Triton and torch take any row stride (e.g. a [:, :V] view of a wider buffer); the C++
+    # backend wants fully contiguous rows. A copy costs one extra read and write.
+    if be.__name__.endswith("cpu_backend"):
+        student, teacher = student.contiguous(), teacher.contiguous()
+    else:
+        if student.stride(1) != 1:
+            student = student.contiguous()
+        if teacher.stride(1) != 1:
+            teacher = teacher.contiguous()
     cfg = _Cfg(kind=kind, beta=float(beta), inv_temp=1.0 / float(temperature),
                vocab_size=int(vocab_size) if vocab_size is not None else v_local * world,
                col_start=rank * v_local, group=group, world=world, reduction=reduction, be=be)

@@ -23,7 +23,7 @@ if [ "$STEP" = tests ] || [ "$STEP" = all ]; then
   timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -ra -p no:cacheprovider tests/test_divergence.py tests/test_divergence_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [ "$STEP" = sweep ] || [ "$STEP" = all ]; then
-  timeout ${SWEEP_TIMEOUT:-240} $PY -m ophsd_kernels.benchmark --sweep --n 16384 --v 151936 --rep-ms 100 --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -8
+  timeout ${SWEEP_TIMEOUT:-240} $PY -m ophsd_kernels.benchmark --sweep --tokens 16384 --vocab 151936 --rep-ms 100 --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -8
 fi
 if [ "$STEP" = table ] || [ "$STEP" = all ]; then
   timeout ${TABLE_TIMEOUT:-420} $PY -m ophsd_kernels.benchmark --out "$OUT" "$@" 2>&1 | tee "$OUT/table.log" | tail -80

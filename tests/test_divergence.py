@@ -328,6 +328,26 @@ def test_zero_rows_and_identical_inputs(backend):
         assert g.abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("triton",))
+def test_strided_views(backend):
+    """Row-strided views (a slice of a wider buffer) and a transposed-then-copied layout."""
+    backend_or_skip(backend)
+    big_s, big_t = make_inputs(7, 300, torch.float32, seed=31)
+    s, t = big_s[:, 10:270], big_t[:, 5:265]  # row stride 300, column stride 1
+    assert not s.is_contiguous()
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 3.0], device=DEV)
+    kw = dict(kind="jsd", beta=0.4, temperature=1.3, weights=w, vocab_size=250)
+    loss, g = run_backend(backend, s, t, **kw)
+    ref_loss, ref_g, scale = oracle(s, t, **kw)
+    assert_loss_close(loss, ref_loss, backend)
+    assert_grad_close(g, ref_g, torch.float32, scale, backend)
+    # column-strided input (stride(1) != 1) is copied internally
+    st = big_s[:, :64].t().contiguous().t()
+    loss2, _ = run_backend(backend, st, big_t[:, :64].contiguous(), kind="reverse_kl")
+    ref2, _, _ = oracle(st, big_t[:, :64], kind="reverse_kl")
+    assert_loss_close(loss2, ref2, backend)
+
+
 def test_teacher_gets_no_gradient_and_weights_scale():
     s, t = make_inputs(6, 50, torch.float32, seed=4)
     t = t.clone().requires_grad_(True)
