@@ -89,7 +89,7 @@ class _Stub(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.mode == "hang":
-            time.sleep(3)
+            time.sleep(30)  # far past the client's timeout
         self._send(500, {"object": "error", "message": "boom", "code": 500})
 
 
@@ -121,16 +121,19 @@ def test_dead_and_failing_servers_are_taken_out_of_rotation(fresh):
     stub, stub_url = _stub("500")
     hang, hang_url = _stub("hang")
     try:
-        with SGLangEngine([fresh[0].url, hang_url, stub_url], backoff_s=0.01, request_timeout=1.0,
-                          max_retries=4) as eng:
+        with SGLangEngine([fresh[0].url, stub_url, dead_url], backoff_s=0.01, max_retries=4) as eng:
+            states = {s.url: s for s in eng.servers}
+            assert not states[dead_url].alive  # refused at connect
             res = eng.generate(PROMPTS * 2, GREEDY)
             assert all(len(c.output_ids) == 8 for (c,) in res)
+            assert not states[stub_url].alive and states[fresh[0].url].alive  # 5xx twice -> out
+        # per-request timeout: the first pick (round robin starts at the first URL) hangs
+        one = SamplingParams(temperature=0.0, max_new_tokens=1)
+        with SGLangEngine([hang_url, fresh[0].url], request_timeout=2.5, backoff_s=0.01) as eng:
+            (c,), = eng.generate([[5, 6]], one)
+            assert len(c.output_ids) == 1
             states = {s.url: s for s in eng.servers}
-            assert not states[hang_url].alive and states[fresh[0].url].alive
-            assert not states[stub_url].alive  # two consecutive 5xx
-        with SGLangEngine([fresh[0].url, dead_url], backoff_s=0.01) as eng:
-            assert not {s.url: s for s in eng.servers}[dead_url].alive  # refused at connect
-            assert len(eng.generate(PROMPTS, GREEDY)) == 4
+            assert not states[hang_url].alive and "timed out" in states[hang_url].last_error
         with SGLangEngine([stub_url], backoff_s=0.01, max_retries=2) as eng:
             with pytest.raises(EngineError, match="no SGLang server could serve.*HTTP 500: boom"):
                 eng.generate([[1, 2]], GREEDY)
