@@ -97,7 +97,7 @@ class CMakeBuildExt(build_ext):
         log = build_dir / "build.log"
         configure = [cmake, "-S", str(ROOT), "-B", str(build_dir),
                      f"-DPython_EXECUTABLE={sys.executable}",
-                     f"-DOPHSD_OUTPUT_DIR={target.parent}",
+                     f"-DOPHSD_OUTPUT_DIR={build_dir / 'out'}",
                      "-DCMAKE_BUILD_TYPE=Release"]
         if not (build_dir / "CMakeCache.txt").exists():
             ninja = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
@@ -113,8 +113,13 @@ class CMakeBuildExt(build_ext):
                     fh.close()
                     raise _NativeSkipped(f"cmake {step} failed ({_first_error(log)}); "
                                          f"full log: {log}")
-        if not target.exists():
-            raise _NativeSkipped(f"cmake did not produce {target}; full log: {log}")
+        # Build into a fixed folder (a no-op rebuild then relinks nothing) and copy to the
+        # place setuptools expects (a temporary build/lib; it copies on to kernels/ when editable).
+        built = build_dir / "out" / target.name
+        if not built.exists():
+            raise _NativeSkipped(f"cmake did not produce {built}; full log: {log}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
 
 
 def _first_error(log):
