@@ -64,6 +64,20 @@ class CMakeBuildExt(build_ext):
         print(f"ophsd: built ophsd_kernels._C in {time.monotonic() - started:.1f} s -> {target}",
               flush=True)
 
+    def copy_extensions_to_source(self):
+        # Editable installs copy the module into kernels/. setuptools rewrites the file in place,
+        # which can crash a running process that has it mapped; replace it atomically instead.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            if not isinstance(ext, CMakeExtension) or not hasattr(self, "_get_inplace_equivalent"):
+                return super().copy_extensions_to_source()
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if not os.path.exists(regular_file):
+                continue  # not built (optional): the warning has been printed
+            tmp = f"{inplace_file}.tmp{os.getpid()}"
+            shutil.copy2(regular_file, tmp)
+            os.replace(tmp, inplace_file)
+
     @staticmethod
     def _record(text):
         try:
