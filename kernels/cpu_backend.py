@@ -23,7 +23,11 @@ from all sums and given zero gradient):
     log m - extra_i)`` (jsd).  Rows with ``coef_i == 0`` are exact zeros.
 
 ``lse_s``, ``lse_t``, ``coef``, ``extra`` are ``[N]`` float32.  Work is split over rows on
-torch's CPU threads (``torch.set_num_threads``); extra memory is O(N).
+torch's CPU threads (``torch.set_num_threads``); extra memory is O(N).  NaN/Inf logits are not
+filtered: they propagate into the statistics (the public API detects them there).
+
+``OPHSD_DISABLE_CPP=1`` makes the module count as absent (to exercise the fallback).
+Build details: ``kernels/csrc/README.md``.
 """
 from __future__ import annotations
 
