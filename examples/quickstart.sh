@@ -28,7 +28,7 @@ echo "== OPHSD training on 2 CPU ranks (PP=2); run directory $RUN_DIR (unless --
 python -m torch.distributed.run --nproc-per-node 2 -m ophsd.train \
   --load "$MODEL_DIR" --pipeline-model-parallel-size 2 \
   --task arith --harness plan_solve --divergence reverse_kl --teacher initial \
-  --train-iters 5 --rollout-batch-size 8 --micro-batch-size 4 \
-  --max-response-length 96 --plan-tokens 96 --lr 5e-5 --eval-limit 8 \
+  --train-iters 8 --rollout-batch-size 4 --n-samples-per-prompt 2 --micro-batch-size 4 \
+  --max-response-length 96 --plan-tokens 96 --lr 2e-5 --eval-limit 8 \
   --save "$RUN_DIR" "$@" 2>&1 | grep --line-buffered -v -E "^W[0-9]{4} |^\*+$|UserWarning|warnings.warn|FutureWarning|return func|checkpoint.load_state_dict"
 echo "== done: see report.md in the run directory"
