@@ -288,7 +288,9 @@ def _row_coef(grad_out, w, denom, reduction, inv_temp, n, device):
         g = grad_out.reshape(n).float()
     else:
         g = grad_out.reshape(()).float().expand(n)
-    coef = g * inv_temp if w is None else g * w * inv_temp
+    # "none" returns the unweighted d (weights are the caller's to apply), so its rows'
+    # coefficients are grad_out alone; mean/sum weight the rows here.
+    coef = g * inv_temp if (w is None or reduction == "none") else g * w * inv_temp
     if reduction == "mean":
         coef = torch.where(denom > 0, coef / torch.where(denom > 0, denom, torch.ones_like(denom)),
                            torch.zeros_like(coef))
@@ -314,7 +316,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
         per = d if w is None else w * d
         denom = None
         if cfg.reduction == "none":
-            loss = per
+            loss = d.clone()
         elif cfg.reduction == "sum":
             loss = per.sum()
         else:
@@ -365,7 +367,8 @@ def vocab_parallel_divergence(
         group: tensor-parallel process group; rank r holds global columns
             ``[r*V_local, (r+1)*V_local)``. None: the whole vocabulary is local.
         reduction: ``"mean"`` sum(w*d)/sum(w) (0 when sum(w) == 0), ``"sum"`` sum(w*d), or
-            ``"none"`` the per-token ``w*d`` (``d`` when weights is None), shape ``[N]``.
+            ``"none"`` the per-token divergence ``d``, shape ``[N]``, *without* the weights
+            (apply them yourself, e.g. ``(w * d).sum()``; weights are still validated).
         backend: ``"auto"`` (Triton on CUDA; the C++ extension on CPU when built, else
             torch), ``"triton"``, ``"cpp"`` or ``"torch"``.
 
