@@ -523,16 +523,45 @@ def print_table(rows):
         print(" | ".join(fmt(getattr(r, c)).ljust(widths[c]) for c in COLS))
 
 
-def save(rows, meta, out_dir, tag):
+def load_csv(path):
+    """Rows and metadata of a CSV written by :func:`save`."""
+    meta, lines = {}, []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("# "):
+                k, _, v = line[2:].rstrip("\n").partition(": ")
+                meta[k] = v
+            else:
+                lines.append(line)
+    rows = []
+    types = {f.name: f.type for f in Row.__dataclass_fields__.values()}
+    for rec in csv.DictReader(lines):
+        kw = {}
+        for k, v in rec.items():
+            t = str(types.get(k, "str"))
+            if v == "":
+                kw[k] = None if "Optional" in t else ""
+            elif "float" in t:
+                kw[k] = float(v)
+            elif "int" in t:
+                kw[k] = int(v)
+            else:
+                kw[k] = v
+        rows.append(Row(**kw))
+    return rows, meta
+
+
+def save(rows, meta, out_dir, tag, write_csv=True):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench_{tag}.csv")
-    with open(path, "w", newline="") as f:
-        f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
-    print(f"wrote {path}")
+    if write_csv:
+        with open(path, "w", newline="") as f:
+            f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
+            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+            w.writeheader()
+            for r in rows:
+                w.writerow(asdict(r))
+        print(f"wrote {path}")
     try:
         import matplotlib
 
@@ -549,15 +578,19 @@ def save(rows, meta, out_dir, tag):
         impls = sorted({r.impl for r in sel})
         width = 0.8 / max(1, len(impls))
         for k, impl in enumerate(impls):
-            ys = [next((r.ms for r in sel if r.impl == impl and (r.n, r.v) == sz), 0) for sz in sizes]
+            ys = [next(((r.cpu_ms if r.cpu_ms is not None else r.ms) for r in sel
+                        if r.impl == impl and (r.n, r.v) == sz), 0) for sz in sizes]
             ax.bar([i + k * width for i in range(len(sizes))], ys, width, label=impl)
-        floors = [next((r.floor_ms for r in sel if (r.n, r.v) == sz), 0) for sz in sizes]
-        ax.scatter([i + 0.4 - width / 2 for i in range(len(sizes))], floors, marker="_", s=400,
-                   color="k", label="bytes-model floor", zorder=3)
+        on_cpu = any(r.cpu_ms is not None for r in sel)
+        if not on_cpu:
+            floors = [next((r.floor_ms for r in sel if (r.n, r.v) == sz), 0) for sz in sizes]
+            ax.scatter([i + 0.4 - width / 2 for i in range(len(sizes))], floors, marker="_",
+                       s=400, color="k", label="bytes-model floor", zorder=3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))])
         ax.set_xticklabels([f"N={n}\nV={v}" for n, v in sizes], fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("fwd+bwd median ms (log)")
+        if not on_cpu:  # GPU sizes span 30x: log scale; one CPU size: linear from 0
+            ax.set_yscale("log")
+        ax.set_ylabel("fwd+bwd median " + ("process CPU ms" if on_cpu else "ms (log)"))
         ax.set_title(f"{kind} ({meta.get('device_name', '')})")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -590,6 +623,7 @@ def main(argv=None):
     p.add_argument("--sweep-kind", default="reverse_kl")
     p.add_argument("--sweep-kernels", default="stats,grad,jsd")
     p.add_argument("--tp", action="store_true", help="real TP under torchrun")
+    p.add_argument("--replot", metavar="CSV", help="redraw the table and PNG of a saved CSV")
     p.add_argument("--tp-warmup", type=int, default=5)
     p.add_argument("--tp-iters", type=int, default=20)
     args = p.parse_args(argv)
@@ -602,6 +636,12 @@ def main(argv=None):
                                 else "ours-cpp,ours-torch,torch_chunked")
     if args.tp_sim is None:
         args.tp_sim = [2, 4, 8] if gpu else []
+    if args.replot:
+        rows, meta = load_csv(args.replot)
+        print_table(rows)
+        save(rows, meta, os.path.dirname(os.path.abspath(args.replot)),
+             os.path.basename(args.replot)[len("bench_"):-len(".csv")], write_csv=False)
+        return 0
     if args.tp:
         res = run_tp(args)
         if res:  # rank 0
