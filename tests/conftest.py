@@ -2,6 +2,12 @@ import os
 
 import pytest
 
+import torch
+
+# Triton kernels run in the interpreter on CPU-only machines. It must be set before anything
+# imports triton (megatron-core does), so it lives here; on a GPU the kernels compile for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
