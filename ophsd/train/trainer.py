@@ -97,6 +97,15 @@ class Trainer:
                     self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
                 except Exception as e:  # noqa: BLE001 - tensorboard is optional
                     _log(f"TensorBoard logging off ({e.__class__.__name__}: {e}); metrics.jsonl still written")
+        self._wandb = None
+        if args.wandb_project and _rank0():
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=args.wandb_project, config=vars(args),
+                                         dir=str(self.run_dir) if self.run_dir else None)
+            except ImportError:
+                _log("--wandb-project given but wandb is not installed (pip install wandb); logging to JSONL only")
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ------------------------------------------------------------------------------ building
@@ -483,6 +492,8 @@ class Trainer:
             for k, v in m.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, m.get("step", self.step_num))
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m.get("step"))
         if m.get("step", 0) % max(1, self.args.log_interval) == 0 and "loss" in m:
             print(f"[ophsd] step {m['step']:>5}/{self.args.train_iters}  loss {m['loss']:.4f}  "
                   f"grad_norm {m.get('grad_norm', float('nan')):.3f}  lr {m.get('lr', 0):.2e}  "
@@ -651,5 +662,7 @@ class Trainer:
             self._metrics_file.close()
         if self._tb:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self.engine is not None:
             self.engine.close()
