@@ -56,6 +56,26 @@ def test_import_export_bit_exact(qwen3_roundtrip):
         msgs, add_generation_prompt=True)
 
 
+def _megatron_as_hf_worker(rank, world, meg, hf):
+    from transformers import AutoModelForCausalLM
+
+    from ophsd.models import hub
+
+    m = hub.load_hf_model(hub.resolve_model(meg), torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    ids = torch.randint(0, 400, (2, 10))
+    with torch.no_grad():
+        return torch.equal(m(ids).logits, ref(ids).logits), hub.load_tokenizer(hub.resolve_model(meg)).vocab_size
+
+
+def test_megatron_dir_loads_as_hf_model(qwen3_roundtrip):
+    """Eval and engines accept a Megatron directory wherever they take a model."""
+    hf, meg, _ = qwen3_roundtrip
+    (res,) = run_ranks(_megatron_as_hf_worker, 1, str(meg), str(hf))
+    assert res[0], "Megatron directory loaded as HF gives different logits"
+    assert res[1] > 0
+
+
 def test_verify_passes_and_fails(qwen3_roundtrip, tiny_model_dir, tmp_path):
     hf, meg, _ = qwen3_roundtrip
     r = convert("verify", "--hf-dir", hf, "--megatron-dir", meg, "--max-new-tokens", 3)

@@ -96,3 +96,27 @@ def build_and_load(model_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
     model = build_model(spec, params_dtype=params_dtype, perform_initialization=False)
     load_model(model, Path(model_dir, "model"))
     return model
+
+
+def load_as_hf_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A transformers model with the weights of a Megatron directory (for eval and engines).
+
+    Runs megatron-core in this process (a one-rank group when none exists) at TP=PP=1.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ophsd.models import mapping
+    from ophsd.runtime import distributed
+
+    distributed.initialize(1, 1)
+    model = build_and_load(model_dir, 1, 1, params_dtype=torch.float32)
+    spec = model.ophsd_spec
+    hf_state = mapping.megatron_to_hf(dict(mapping.iter_full_megatron_tensors(model)), spec)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(Path(model_dir, "hf")), dtype=dtype)
+    missing, unexpected = hf.load_state_dict({k: v.to(dtype) for k, v in hf_state.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and spec.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{model_dir}: HF model left {missing[:5]} unfilled / got unexpected {unexpected[:5]}")
+    if spec.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()

@@ -106,10 +106,9 @@ def load_hf_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     """A transformers causal LM in ``dtype`` (GGUF weights are dequantised on load)."""
     from transformers import AutoModelForCausalLM
 
-    if source.megatron:
-        raise ModelNotFoundError(
-            f"{source.path} is a Megatron checkpoint; export it first: "
-            f"python tools/convert_hf.py export --megatron-dir {source.path} --output DIR"
-        )
+    if source.megatron:  # converted in memory through megatron-core (TP=PP=1)
+        from ophsd.models.checkpoint import load_as_hf_model
+
+        return load_as_hf_model(source.path, dtype)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.hf_kwargs)
     return model.eval()
