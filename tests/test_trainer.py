@@ -207,3 +207,15 @@ def test_sigterm_saves_and_resume_matches(tiny_model_dir, tmp_path):
     resumed = _train(d, run, "--train-iters", k + 1, "--load", run)
     assert resumed[-1]["step"] == k + 1
     assert resumed[-1]["loss"] == pytest.approx(full[k]["loss"], rel=1e-5)
+
+
+def test_draft_verify_training_with_seeded_bank(tiny_model_dir, tmp_path):
+    rows = [("how do I top up my card", "top_up"), ("my card payment failed", "card_payment_failed"),
+            ("I want to top up again", "top_up"), ("why was my card payment declined", "card_payment_failed")] * 6
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,category\n" + "".join(f"{t} {i},{c}\n" for i, (t, c) in enumerate(rows)))
+    m = _train(tiny_model_dir("llama"), tmp_path / "run", "--task", "banking77", "--data", csv,
+               "--harness", "draft_verify", "--bank-data", csv, "--bank-k", 2, "--train-iters", 1)
+    assert m[-1]["step"] == 1 and m[-1]["pairs_total"] == 2
+    modes = {k: v for k, v in m[-1].items() if k.startswith("harness/mode/")}
+    assert sum(modes.values()) == 2 and "harness/mode/cold_start" not in modes  # the seeded bank is used

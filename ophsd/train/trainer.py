@@ -46,9 +46,12 @@ def _log(msg: str) -> None:
 class ExampleStream:
     """Deterministic example order: a generator task streams, file data is reshuffled per epoch."""
 
-    def __init__(self, task, data: str | None, seed: int):
+    def __init__(self, task, data: str | None, seed: int, dev_size: int = 0):
+        """``dev_size`` > 0 holds that many examples out (the eval split carved from ``data``)."""
         self.task, self.seed = task, seed
-        self.examples = None if data is None else list(task.dataset(data, split="train", seed=seed))
+        split = "train" if dev_size > 0 else "all"
+        self.examples = None if data is None else list(
+            task.dataset(data, split=split, seed=seed, dev_size=max(1, dev_size)))
         if self.examples is not None and not self.examples:
             raise TrainingError(f"no usable training examples in {data}")
 
@@ -190,14 +193,16 @@ class Trainer:
         if not _rank0():
             self._sync_weights(version=0)  # collective: every rank takes part in the gather
             return
-        self.stream = ExampleStream(self.task, a.data, a.seed)
+        self.stream = ExampleStream(self.task, a.data, a.seed, dev_size=self._dev_size())
         kwargs = {"plan_tokens": a.plan_tokens} if a.harness == "plan_solve" else {}
         if a.harness == "draft_verify":
             kwargs = {"k": a.bank_k}
-        try:
-            self.harness = get_harness(a.harness, self.task, seed=a.seed, **kwargs)
-        except TypeError:
-            self.harness = get_harness(a.harness, self.task, seed=a.seed)
+            if a.bank_data:
+                from ophsd.harness import build_bank
+
+                kwargs["bank"] = build_bank(list(self.task.dataset(a.bank_data, split="all")), self.task)
+                _log(f"memory bank seeded with {len(kwargs['bank'])} labelled examples from {a.bank_data}")
+        self.harness = get_harness(a.harness, self.task, seed=a.seed, **kwargs)
         if a.rollout_engine == "sglang":
             from ophsd.rollout.sglang import SGLangEngine
 
@@ -528,12 +533,17 @@ class Trainer:
             return None
         return self._train_on(self._probe, forward_only=True)["loss"]
 
+    def _dev_size(self) -> int:
+        """Examples carved from --data for evaluation (none when --eval-data or --skip-eval)."""
+        a = self.args
+        return 0 if (a.eval_data or a.skip_eval or not a.data) else a.eval_limit
+
     def _eval_examples(self) -> list:
         a = self.args
         if a.eval_data:
             return list(self.task.dataset(a.eval_data, split="all"))[: a.eval_limit]
         if a.data:
-            return list(self.task.dataset(a.data, split="dev", seed=a.seed))[: a.eval_limit]
+            return list(self.task.dataset(a.data, split="dev", seed=a.seed, dev_size=a.eval_limit))
         return [self.task.example(i, "dev") for i in range(a.eval_limit)]
 
     def evaluate(self, tag: str) -> dict | None:
