@@ -137,9 +137,9 @@ def _save_hf_side_files(source, out_hf: Path) -> None:
 
 def _prepare_output(out: Path, overwrite: bool) -> Path:
     """A fresh ``OUT.partial`` directory; the final rename makes the output appear atomically."""
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-        if not overwrite:
-            raise ConvertError(f"--output {out} exists and is not empty (pass --overwrite to replace it)")
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and not overwrite:
+        raise ConvertError(f"--output {out} exists and is not empty (pass --overwrite to replace it)")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         _log(f"removing the partial directory {partial} left by an earlier failed run")

@@ -208,8 +208,8 @@ def _partition_dim(name: str) -> int | None:
     return None
 
 
-def gather_tp(name: str, tensor: torch.Tensor, param: torch.Tensor, tp_group) -> torch.Tensor:
-    """Full tensor from the TP shards of ``tensor`` (the parameter itself or its gradient)."""
+def gather_tp(name: str, tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """Full tensor from the TP shards of parameter ``name``'s ``tensor`` (the value or its gradient)."""
     import torch.distributed as dist
 
     if tp_group is None or dist.get_world_size(tp_group) == 1 or _partition_dim(name) is None:
@@ -238,7 +238,7 @@ def iter_full_megatron_tensors(model, tp_group=None, grads: bool = False) -> Ite
         t = (getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad) if grads else p
         if t is None:
             t = torch.zeros_like(p)
-        yield name, gather_tp(local_name, t, p, tp_group)
+        yield name, gather_tp(local_name, t, tp_group)
 
 
 def iter_hf_tensors(model, tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:

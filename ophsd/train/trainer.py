@@ -7,6 +7,7 @@ moved), and the loss is :func:`ophsd_kernels.vocab_parallel_divergence` over tho
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -61,9 +62,13 @@ class ExampleStream:
         out, N = [], len(self.examples)
         for i in range(position, position + n):
             epoch, j = divmod(i, N)
-            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-            out.append(self.examples[int(torch.randperm(N, generator=g)[j])])
+            out.append(self.examples[int(self._order(epoch)[j])])
         return out
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return torch.randperm(len(self.examples), generator=g)
 
 
 class Trainer:
@@ -123,7 +128,7 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         from ophsd.models import checkpoint, mapping
-        from ophsd.models.hub import load_config, load_hf_model, load_tokenizer, resolve_model
+        from ophsd.models.hub import ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
         from ophsd.models.megatron import build_model, model_spec_from_hf
 
         a = self.args
@@ -134,7 +139,7 @@ class Trainer:
             student = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
             checkpoint.load_model(student, Path(model_dir) / "model")
             teacher_dir = Path(model_dir) / "teacher"
-            self.source = None
+            self.source = ModelSource(str(model_dir), megatron=True)
         else:
             self.source = resolve_model(a.model)
             spec = model_spec_from_hf(load_config(self.source), tp, pp)
@@ -146,8 +151,7 @@ class Trainer:
             teacher_dir = None
             self.hf_dir = None
         self.spec = spec
-        self.tokenizer = load_tokenizer(self.source) if self.source else __import__(
-            "transformers").AutoTokenizer.from_pretrained(self.hf_dir)
+        self.tokenizer = load_tokenizer(self.source)
         self.teacher = None
         if a.teacher == "initial" and a.objective == "distill":
             self.teacher = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
@@ -208,13 +212,13 @@ class Trainer:
 
             self.engine = SGLangEngine(a.sglang_url)
         else:
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM
 
+            from ophsd.models.hub import load_config
             from ophsd.rollout.embedded import EmbeddedEngine
 
-            config = AutoConfig.from_pretrained(self.hf_dir) if self.hf_dir else __import__(
-                "ophsd.models.hub", fromlist=["load_config"]).load_config(self.source)
-            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            # Random-initialised shell: the first weight sync (version 0) fills it from Megatron.
+            hf = AutoModelForCausalLM.from_config(load_config(self.source), dtype=torch.float32).eval()
             self.engine = EmbeddedEngine.from_pretrained_objects(hf, self.tokenizer, name="ophsd-student",
                                                                  seed=a.seed)
         self._sync_weights(version=0)
@@ -334,8 +338,6 @@ class Trainer:
 
     def _vocab_parallel_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """Entropy of the tempered teacher over TP vocab shards (padding excluded)."""
-        from megatron.core import tensor_parallel  # noqa: F401
-
         group = self.ps.get_tensor_model_parallel_group()
         x = logits.float() / self.args.distill_temperature
         start = self.ps.get_tensor_model_parallel_rank() * x.shape[-1]
@@ -423,8 +425,7 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                      lr=self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups")
-                      else self.scheduler.get_lr(self.optimizer.param_groups[0]))
+                      lr=self.optimizer.param_groups[0]["lr"])
         return result
 
     @staticmethod
