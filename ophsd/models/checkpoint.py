@@ -11,6 +11,7 @@ The vocabulary dimension is stored padded for the TP it was saved with; megatron
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,9 @@ from ophsd.models.megatron import ModelSpec, model_spec_from_hf
 
 MARKER = "ophsd_megatron.json"
 FORMAT_VERSION = 1
+# Same keys Megatron-LM passes; identical at save and load.
+OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
+                           "singleton_local_shards": False}
 
 
 class CheckpointError(RuntimeError):
@@ -85,6 +89,100 @@ def load_model(model, ckpt_dir: str | os.PathLike) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_dir} left parameters unfilled: {missing[:8]}")
+
+
+def save_optimizer(optimizer, model, ckpt_dir: str | os.PathLike) -> None:
+    """Collective: the megatron-core optimizer state (incl. fp32 master weights) as a dist checkpoint.
+
+    Written in megatron-core's ``fully_reshardable`` format (Megatron-LM's
+    ``--dist-ckpt-optim-fully-reshardable``): one canonical state per model parameter, so it
+    reloads at another TP/PP/DP layout and with or without the distributed optimizer.
+    """
+    from megatron.core import dist_checkpointing
+
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=False,
+                                           metadata=OPTIMIZER_CKPT_METADATA)
+    dist_checkpointing.save(sharded, str(ckpt_dir))
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam(W) its state tensors (step 0) so it can be loaded into.
+
+    megatron-core's distributed optimizer reads ``state["step"]`` of every parameter while
+    building its load-time state dict; on the TE/Apex fused Adam this exists from the start,
+    on torch's Adam (the CPU path) only after a first step.  Every value is overwritten by
+    the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def load_optimizer(optimizer, model, ckpt_dir: str | os.PathLike) -> None:
+    """Collective: restore the state written by :func:`save_optimizer` into ``optimizer``."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a megatron-core distributed optimizer checkpoint "
+                              "(no metadata.json)")
+    _init_empty_adam_state(optimizer)
+    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                           metadata=OPTIMIZER_CKPT_METADATA)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    except Exception as e:  # torch.distributed.checkpoint raises many types for bad files
+        raise CheckpointError(f"failed to load the optimizer checkpoint in {ckpt_dir}: {e}") from e
+    with _torch_adam_load_fixes(optimizer):
+        optimizer.load_state_dict(loaded)
+
+
+@contextlib.contextmanager
+def _torch_adam_load_fixes(optimizer):
+    """Work around two megatron-core 0.16 bugs loading distributed-optimizer state into torch's
+    Adam (no TE/Apex: the CPU path).  No-op with TE/Apex fused Adam, which keeps no per-param step.
+
+    1. The ``fully_reshardable`` loader drops the per-parameter ``step`` from the checkpoint
+       tensors, then copies every key of the destination state, which includes ``step`` ->
+       KeyError.  ``load_state_dict`` has already set that step from the param groups, so we
+       hand the destination's own value back.
+    2. ``load_state_dict`` gives every parameter the *same* step tensor; torch's foreach Adam
+       increments each list entry in place, so the shared step would advance by the number of
+       parameters per iteration and corrupt the bias correction.  Each state gets its own copy.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        orig = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, orig=orig):
+            gi, go = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[gi]["params"][go]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            return orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for opt in patched:
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def build_and_load(model_dir: str | os.PathLike, tp: int = 1, pp: int = 1,

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: rollout-batch-size x n-samples-per-prompt)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 parameters (fp32 main weights in the optimizer)")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard Adam state and fp32 master weights over data-parallel ranks (megatron-core "
+                        "DistributedOptimizer); checkpoints still reload at any TP/PP/DP")
     g.add_argument("--seed", type=int, default=1234)
     g = ap.add_argument_group("optimisation (Megatron-LM names)")
     g.add_argument("--train-iters", type=int, default=20)
@@ -169,10 +171,5 @@ def validate(args: argparse.Namespace) -> None:
          f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})")
     if args.load:
         need(Path(args.load).is_dir(), f"--load {args.load}: no such directory")
-    if args.use_distributed_optimizer:
-        import torch
-
-        need(torch.cuda.is_available(), "--use-distributed-optimizer needs CUDA/NCCL (gloo has no reduce-scatter); "
-                                        "drop it on CPU")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")

@@ -366,6 +366,9 @@ class Trainer:
         if per_rank == 0:
             return {"skipped_step": 1}
         mine = samples[dp_rank * per_rank: (dp_rank + 1) * per_rank]
+        if not forward_only and len(samples) > dp * per_rank:
+            # Equal shares keep the DP ranks' schedules in step; the rest (after length filtering) is counted.
+            self.counters["skipped/dp_remainder"] += len(samples) - dp * per_rank
         mbs = pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
         t0 = time.perf_counter()
         teacher_rows = self._teacher_logits(mbs) if a.objective == "distill" else [None] * len(mbs)
@@ -591,9 +594,10 @@ class Trainer:
         checkpoint.save_model(self.module, tmp / "model")
         if self.teacher is not None:
             checkpoint.save_model(self.teacher, tmp / "teacher")
+        checkpoint.save_optimizer(self.optimizer, self.module, tmp / "optimizer")
+        (tmp / "rng").mkdir(exist_ok=True)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
-                   tmp / f"optim_rank{dist.get_rank():05d}.pt")
+        torch.save(rng, tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
         if _rank0():
             src_hf = self.hf_dir if self.hf_dir else None
             (tmp / "hf").mkdir()
@@ -608,7 +612,9 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp / "hf")
             checkpoint.write_marker(tmp, self.spec, dtype=str(self.dtype).replace("torch.", ""), step=self.step_num)
             torch.save({"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
-                        "harness": self.harness.state_dict(), "world_size": dist.get_world_size(),
+                        "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "world_size": dist.get_world_size(), "layout": self._layout(),
+                        "distributed_optimizer": self.args.use_distributed_optimizer,
                         "args": vars(self.args)}, tmp / "trainer_state.pt")
         dist.barrier()
         if _rank0():
@@ -622,15 +628,35 @@ class Trainer:
         dist.barrier()
         return final
 
+    def _layout(self) -> dict:
+        ps = self.ps
+        return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                "dp": ps.get_data_parallel_world_size()}
+
     def _load_trainer_state(self, ckpt: Path) -> None:
+        """Model and optimizer reshard to any TP/PP/DP; RNG streams return only on the same layout."""
+        from ophsd.models import checkpoint
+
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        if state["world_size"] != dist.get_world_size():
-            raise TrainingError(f"--load {ckpt}: saved with {state['world_size']} ranks, resumed with "
-                                f"{dist.get_world_size()}; resume with the same TP/PP/DP layout")
-        opt = torch.load(ckpt / f"optim_rank{dist.get_rank():05d}.pt", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(opt["rng"]["torch"])
+        if not (ckpt / "optimizer").is_dir():
+            raise TrainingError(f"--load {ckpt}: no optimizer/ checkpoint (written by an older ophsd?); "
+                                "start from its model with --load on a converted model directory instead")
+        saved_dist = state.get("distributed_optimizer", False)
+        if saved_dist != self.args.use_distributed_optimizer:
+            raise TrainingError(f"--load {ckpt}: saved {'with' if saved_dist else 'without'} "
+                                f"--use-distributed-optimizer; resume the same way (megatron-core cannot load "
+                                "one optimizer's state into the other)")
+        checkpoint.load_optimizer(self.optimizer, self.module, ckpt / "optimizer")
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("layout") == self._layout():
+            rng = torch.load(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            _log(f"resuming {ckpt} (saved at {state.get('layout')}) at {self._layout()}: weights and optimizer "
+                 "state are resharded; per-rank RNG streams restart, so results match an uninterrupted run "
+                 "only up to reduction order")
         self.step_num, self.data_position = state["step"], state["data_position"]
         self.counters = Counter(state["counters"])
         if _rank0():
