@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["--entropy-weighting"], "--entropy-weighting needs --token-sampling-ratio < 1"),
     (["--save-interval", "2"], "--save-interval needs --save DIR"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
+    (["--weight-sync", "tensor"], "--weight-sync/--weight-sync-dir apply to --rollout-engine sglang only"),
 ])
 def test_bad_flags_fail_fast(argv, msg, capsys):
     from ophsd.train.main import main
@@ -260,3 +261,46 @@ def test_distributed_optimizer_checkpoint_reshards(tiny_model_dir, tmp_path):
     for k, w in a["weights"].items():
         assert torch.equal(same["weights"][k], w), k
         torch.testing.assert_close(tp2["weights"][k], w, rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# --------------------------------------------------------------- SGLang engine path
+
+
+@pytest.mark.parametrize("weight_sync", ["disk", "tensor"])
+def test_training_through_sglang_api_server(tiny_model_dir, tmp_path, weight_sync):
+    """``--rollout-engine sglang`` against a server speaking SGLang's HTTP API (the embedded
+    server): rollouts and harness calls over HTTP, weights pushed after every step.  The run
+    must match the in-process engine run step for step (same seeds -> same samples -> same
+    losses, rel 1e-5), and afterwards the server must hold exactly the trained weights: its
+    logprobs for a fixed continuation equal those of the final checkpoint (atol 1e-5)."""
+    from ophsd.models.checkpoint import load_as_hf_model
+    from ophsd.rollout import SamplingParams
+    from ophsd.rollout.embedded import EmbeddedEngine
+    from ophsd.rollout.serve import EmbeddedServer
+
+    d = tiny_model_dir("llama")
+    # The server starts from other weights: the trainer's version-0 push must replace them.
+    from tests.tiny_models import write_tiny_model
+
+    other = write_tiny_model(tmp_path / "other", "llama", seed=5, tokenizer_dir=d)
+    srv = EmbeddedServer(EmbeddedEngine(str(other), seed=0)).start()
+    try:
+        via_server = _train(d, tmp_path / "srv", "--train-iters", 2, "--rollout-engine", "sglang",
+                            "--sglang-url", srv.url, "--weight-sync", weight_sync)
+        in_process = _train(d, tmp_path / "emb", "--train-iters", 2)
+        assert [m["step"] for m in via_server] == [1, 2]
+        for a, b in zip(via_server, in_process):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["tokens"] == b["tokens"]
+        assert srv.engine.weight_version == 2
+        prompt = [11, 12, 13, 14]
+        sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, return_logprob=True)
+        got = srv.engine.generate([prompt], sp)[0][0]
+        ref_engine = EmbeddedEngine.from_pretrained_objects(
+            load_as_hf_model(tmp_path / "srv" / "iter_0000002"), srv.engine.tokenizer, seed=0)
+        ref = ref_engine.generate([prompt], sp)[0][0]
+        ref_engine.close()
+        assert got.output_ids == ref.output_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), rtol=0, atol=1e-5)
+    finally:
+        srv.shutdown(close_engine=True)

@@ -12,6 +12,8 @@ ENGINE_ARGS=(--rollout-engine embedded)
 if [ -n "${SGLANG_URLS:-}" ]; then
   ENGINE_ARGS=(--rollout-engine sglang); IFS=, read -ra U <<< "$SGLANG_URLS"
   for u in "${U[@]}"; do ENGINE_ARGS+=(--sglang-url "$u"); done
+  ENGINE_ARGS+=(--weight-sync "${WEIGHT_SYNC:-disk}")  # see qwen3_8b_math_plan_solve.sh
+  if [ -n "${WEIGHT_SYNC_DIR:-}" ]; then mkdir -p "$WEIGHT_SYNC_DIR"; ENGINE_ARGS+=(--weight-sync-dir "$WEIGHT_SYNC_DIR"); fi
 fi
 torchrun "${DISTRIBUTED_ARGS[@]}" -m ophsd.train \
   --load "$CKPT" --save "$RUN" --save-interval 100 \

@@ -76,11 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--entropy-weighting", action="store_true",
                    help="sample kept tokens with probability proportional to the teacher's entropy")
     g.add_argument("--reward-weighting", action="store_true",
-                   help="weight each sample by (0.5 + reward) of the harness answer")
+                   help="weight each sample by 0.1 + 0.9 x reward of the harness answer")
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "cpp", "torch"])
     g = ap.add_argument_group("rollouts")
     g.add_argument("--rollout-engine", default="embedded", choices=["embedded", "sglang"])
     g.add_argument("--sglang-url", action="append", help="SGLang server URL(s) (with --rollout-engine sglang)")
+    g.add_argument("--weight-sync", default="disk", choices=["disk", "tensor"],
+                   help="how new weights reach SGLang servers after each step: disk = safetensors shards + "
+                        "/update_weights_from_disk (servers must see --weight-sync-dir); tensor = "
+                        "/update_weights_from_tensor per bucket (SGLang colocated on the trainer's GPUs)")
+    g.add_argument("--weight-sync-dir", help="directory for --weight-sync disk shards, visible to the servers at "
+                                             "the same path (default: the system temp dir)")
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
     g.add_argument("--n-samples-per-prompt", type=int, default=1)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
@@ -158,6 +164,11 @@ def validate(args: argparse.Namespace) -> None:
         need(Path(args.bank_data).is_file(), f"--bank-data {args.bank_data}: no such file")
     if args.eval_data:
         need(Path(args.eval_data).is_file(), f"--eval-data {args.eval_data}: no such file")
+    if args.rollout_engine != "sglang":
+        need(args.weight_sync == "disk" and not args.weight_sync_dir,
+             "--weight-sync/--weight-sync-dir apply to --rollout-engine sglang only (the embedded engine is updated in memory)")
+    if args.weight_sync_dir:
+        need(Path(args.weight_sync_dir).is_dir(), f"--weight-sync-dir {args.weight_sync_dir}: no such directory")
     if args.rollout_engine == "sglang":
         need(bool(args.sglang_url), "--rollout-engine sglang needs --sglang-url URL (start servers with "
                                     "`python -m sglang.launch_server`, or use --rollout-engine embedded)")
