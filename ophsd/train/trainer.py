@@ -71,6 +71,29 @@ class ExampleStream:
         return torch.randperm(len(self.examples), generator=g)
 
 
+def wrap_ddp(module, use_distributed_optimizer: bool):
+    """megatron-core DDP (fp32 grad buffers) with its grad finalisation hooked into the schedule."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer)
+    model = DistributedDataParallel(module.config, cfg, module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def build_optimizer(ddp_model, args):
+    """The megatron-core optimizer from the Megatron-named flags (also used by tools/bench_train.py)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(cfg, [ddp_model])
+
+
 class Trainer:
     def __init__(self, args):
         from megatron.core import parallel_state as ps
@@ -125,8 +148,6 @@ class Trainer:
         return None
 
     def _build_models(self, model_dir):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
         from ophsd.models import checkpoint, mapping
         from ophsd.models.hub import ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
         from ophsd.models.megatron import build_model, model_spec_from_hf
@@ -160,25 +181,14 @@ class Trainer:
             else:
                 self.teacher.load_state_dict(student.state_dict())
             self.teacher.requires_grad_(False).eval()
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=a.use_distributed_optimizer)
-        self.model = DistributedDataParallel(student.config, ddp_cfg, student)
+        self.model = wrap_ddp(student, a.use_distributed_optimizer)
         self.module = student
-        from megatron.core.distributed import finalize_model_grads
-
-        student.config.finalize_model_grads_func = finalize_model_grads
 
     def _build_optimizer(self):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         a = self.args
-        cfg = OptimizerConfig(
-            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
-            adam_beta2=a.adam_beta2, clip_grad=a.clip_grad, bf16=a.bf16, params_dtype=self.dtype,
-            use_distributed_optimizer=a.use_distributed_optimizer,
-        )
-        self.optimizer = get_megatron_optimizer(cfg, [self.model])
+        self.optimizer = build_optimizer(self.model, a)
         decay_iters = max(1, a.train_iters - a.lr_warmup_iters) + a.lr_warmup_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if a.lr_warmup_iters else a.lr, max_lr=a.lr, min_lr=a.min_lr,
