@@ -304,3 +304,19 @@ def test_training_through_sglang_api_server(tiny_model_dir, tmp_path, weight_syn
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), rtol=0, atol=1e-5)
     finally:
         srv.shutdown(close_engine=True)
+
+
+def test_bad_data_fails_before_the_model_on_every_rank(tiny_model_dir, tmp_path):
+    """A data file with no usable rows: every rank exits 1 with the file:line reason (rank 0 reads
+    the data and broadcasts the verdict, so no rank waits in a collective)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?"}\nnot json\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ophsd.train",
+                        "--model", str(tiny_model_dir("llama")), "--task", "gsm8k", "--data", str(bad),
+                        "--pipeline-model-parallel-size", "2", "--rollout-batch-size", "2", "--micro-batch-size", "2",
+                        "--skip-eval"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count(f"ophsd train: error: {bad}: no usable rows") == 2, r.stderr[-3000:]
+    assert f"{bad}:1: missing field 'answer'" in r.stderr
+    assert "Traceback" not in r.stderr.split("ophsd train: error")[0]

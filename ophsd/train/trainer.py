@@ -110,6 +110,7 @@ class Trainer:
         self.run_dir = Path(args.save) if args.save else None
         resume_dir = self._resume_dir(args.load)
         model_dir = resume_dir or (args.load if args.load else None)
+        self._load_data()
         self._build_models(model_dir)
         self._build_optimizer()
         self._build_generation()
@@ -196,18 +197,33 @@ class Trainer:
             start_wd=a.weight_decay, end_wd=a.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
         )
 
-    def _build_generation(self):
-        """Rank 0 owns the engine, the task, the harness and the data stream."""
-        from ophsd.harness import get_harness
+    def _load_data(self):
+        """Rank 0 reads the training (and eval) data before any model is built: a bad file fails in seconds."""
         from ophsd.tasks import get_task
 
         a = self.args
         self.task = get_task(a.task)
-        self.engine = self.harness = self.stream = None
+        self.stream, error = None, None
+        if _rank0():
+            try:
+                self.stream = ExampleStream(self.task, a.data, a.seed, dev_size=self._dev_size())
+                if a.eval_data and not a.skip_eval and not self._eval_examples():
+                    error = f"--eval-data {a.eval_data}: no usable examples"
+            except (ValueError, TrainingError) as e:  # TaskDataError is a ValueError
+                error = str(e)
+        error = _broadcast(error)
+        if error:
+            raise TrainingError(error)
+
+    def _build_generation(self):
+        """Rank 0 owns the engine, the harness and the data stream."""
+        from ophsd.harness import get_harness
+
+        a = self.args
+        self.engine = self.harness = None
         if not _rank0():
             self._sync_weights(version=0)  # collective: every rank takes part in the gather
             return
-        self.stream = ExampleStream(self.task, a.data, a.seed, dev_size=self._dev_size())
         kwargs = {"plan_tokens": a.plan_tokens} if a.harness == "plan_solve" else {}
         if a.harness == "draft_verify":
             kwargs = {"k": a.bank_k}
