@@ -14,15 +14,15 @@ One step is what ``Trainer._train_on`` does with a batch of pairs, on synthetic 
 1. per micro-batch, the frozen teacher (the same architecture, a copy of the student's initial
    weights, like ``--teacher initial``) runs forward without grad over the teacher context
    (``--seq-length`` + ``--teacher-extra-length`` tokens) and keeps only the response rows of
-   its vocab-parallel logits (``Trainer._teacher_logits``);
-2. the student runs forward+backward through megatron-core's pipeline schedule
-   (``ophsd.models.forward.run_schedule``) with the loss
+   its vocab-parallel logits (``ophsd.train.step.teacher_response_logits``);
+2. the student runs forward+backward through megatron-core's pipeline schedule with the loss
    ``ophsd_kernels.vocab_parallel_divergence(..., reduction="none")`` at the response rows over
-   the TP shards, weighted and scaled exactly like the trainer's ``loss_fn``;
-3. the loss statistics are all-reduced, the gradients checked for non-finite values, and the
-   megatron-core optimizer steps (``build_optimizer``; the model is wrapped by ``wrap_ddp``).
-   The LR scheduler's step (scalar arithmetic) is left out. Tokens and index tensors live on
-   the device, and the trainer's small all-reduces use device tensors (NCCL needs them).
+   the TP shards (``ophsd.train.step.student_pass``);
+3. the gradients are checked for non-finite values on every rank and the megatron-core
+   optimizer steps (``build_optimizer``; the model is wrapped by ``wrap_ddp``). The LR
+   scheduler's step (scalar arithmetic) is left out.
+
+Steps 1-3 call the trainer's own step code (``ophsd/train/step.py``), so this measures what trains.
 
 The models are random-initialised megatron-core ``GPTModel`` s built by
 ``build_model(model_spec_from_hf(hf_config, TP, PP), perform_initialization=True)``; nothing is
@@ -335,6 +335,7 @@ def make_microbatches(args, vocab: int, dp_rank: int, device) -> list:
     import torch
 
     from ophsd.train.pairs import MicroBatch
+    from ophsd.train.step import to_device
 
     b, s, r, extra = args.micro_batch_size, args.seq_length, args.response_length, args.teacher_extra_length
     ls, lt = s - r, s - r + extra
@@ -351,101 +352,50 @@ def make_microbatches(args, vocab: int, dp_rank: int, device) -> list:
         mb = MicroBatch(student_tokens=student, teacher_tokens=teacher, rows=rows, student_pos=ls - 1 + j,
                         teacher_pos=lt - 1 + j, targets=response.reshape(-1),
                         weights=torch.ones(b * r, dtype=torch.float32))
-        out.append(MicroBatch(**{k: v.to(device) for k, v in vars(mb).items()}))
-    return out
+        out.append(mb)
+    return to_device(out, device)
 
 
 # ------------------------------------------------------------------------------------- step
 
 
 class Bench:
+    """What every timed step needs besides the model: flags, model spec, device, dtype."""
+
     def __init__(self, args, spec, device, dtype):
-        from megatron.core import parallel_state as ps
+        self.args, self.spec, self.device, self.dtype = args, spec, device, dtype
 
-        self.args, self.spec, self.device, self.dtype, self.ps = args, spec, device, dtype, ps
-
-    def teacher_logits(self, teacher, mbs):
-        """``Trainer._teacher_logits``: response rows of the teacher's vocab-parallel logits."""
-        import torch
-
-        from ophsd.models import forward
-
-        def keep(batch, output, non_loss_data=False):
-            mb = batch["mb"]
-            return output[mb.rows, mb.teacher_pos].detach().contiguous()
-
-        with torch.no_grad():
-            out = forward.run_schedule(teacher, [{"tokens": mb.teacher_tokens, "mb": mb} for mb in mbs], keep,
-                                       forward_only=True, collect_non_loss_data=True)
-        return list(out) if self.ps.is_pipeline_last_stage() else [None] * len(mbs)
-
-    def step(self, model, module, optimizer, teacher, mbs, fixed_teacher_rows, backend) -> tuple[float, list]:
-        """One step as ``Trainer._train_on`` (rollouts aside). Returns (loss, [teacher, student, optimizer] s)."""
-        import torch
-        import torch.distributed as dist
-
-        from ophsd.models import forward
-        from ophsd_kernels import vocab_parallel_divergence
-
-        a, ps = self.args, self.ps
-        dp = ps.get_data_parallel_world_size()
-        t0 = time.perf_counter()
-        teacher_rows = self.teacher_logits(teacher, mbs) if teacher is not None else fixed_teacher_rows
-        _sync()
-        t1 = time.perf_counter()
-        token_w = [mb.weights for mb in mbs]
-        # The trainer's small all-reduces, on the device (NCCL reduces CUDA tensors only).
-        dev = self.device
-        total_w = torch.tensor(sum(float(w.sum()) for w in token_w), device=dev)
-        dist.all_reduce(total_w, group=ps.get_data_parallel_group())
-        total_w = max(float(total_w), 1e-12)
-        scale = dp * len(mbs) / total_w  # undo megatron's 1/num_microbatches and DP averaging
-        group = ps.get_tensor_model_parallel_group()
-        vocab = self.spec.vocab_size
-
-        def loss_fn(batch, output, non_loss_data=False):
-            mb, i = batch["mb"], batch["i"]
-            rows = output[mb.rows, mb.student_pos]
-            w = token_w[i].to(rows.device)
-            per_tok = vocab_parallel_divergence(
-                rows, teacher_rows[i], kind=a.divergence, beta=a.beta, temperature=a.distill_temperature,
-                weights=w, vocab_size=vocab, group=group, reduction="none", backend=backend)
-            wsum = (w * per_tok).sum()
-            return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(), "n": torch.tensor(float(w.numel()))}
-
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = forward.run_schedule(model, [{"tokens": mb.student_tokens, "mb": mb, "i": i} for i, mb in enumerate(mbs)],
-                                   loss_fn)
-        stats = torch.zeros(3, device=dev)
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-            for o in out:
-                stats += torch.stack([o["wsum"].float(), o["w"].float(), o["n"].float().to(dev)])
-        dist.all_reduce(stats)
-        loss = float(stats[0] / stats[1].clamp_min(1e-12))
-        _sync()
-        t2 = time.perf_counter()
-        finite = torch.tensor(1.0 if math.isfinite(loss) and _grads_finite(module) else 0.0, device=dev)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {loss}); "
-                             "the benchmark needs finite steps")
-        optimizer.step()
-        _sync()
-        t3 = time.perf_counter()
-        return loss, [t1 - t0, t2 - t1, t3 - t2]
+    def step(self, model, module, optimizer, teacher, mbs, fixed_teacher_rows, backend):
+        return timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, self.args, self.spec, backend)
 
 
-def _grads_finite(module) -> bool:
-    """``Trainer._grads_finite``: every gradient (DDP's main_grad) is finite."""
-    import torch
+def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend) -> tuple[float, list]:
+    """One update through the trainer's own step code (``ophsd.train.step``), rollouts aside.
 
-    for p in module.parameters():
-        g = getattr(p, "main_grad", None)
-        g = p.grad if g is None else g
-        if g is not None and not torch.isfinite(g).all():
-            return False
-    return True
+    Returns (loss, [teacher, student, optimizer] seconds). The token weights are the samples'
+    (all ones): the trainer's optional token subsampling is off by default.
+    """
+    from ophsd.train import step
+
+    t0 = time.perf_counter()
+    teacher_rows = step.teacher_response_logits(teacher, mbs) if teacher is not None else fixed_teacher_rows
+    _sync()
+    t1 = time.perf_counter()
+    per_token = step.divergence_loss(teacher_rows, kind=args.divergence, beta=args.beta,
+                                     temperature=args.distill_temperature, vocab_size=spec.vocab_size,
+                                     backend=backend)
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = step.student_pass(model, mbs, per_token, [mb.weights for mb in mbs])["loss"]
+    _sync()
+    t2 = time.perf_counter()
+    if not step.finite_everywhere(loss, module):
+        raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {loss}); "
+                         "the benchmark needs finite steps")
+    optimizer.step()
+    _sync()
+    t3 = time.perf_counter()
+    return loss, [t1 - t0, t2 - t1, t3 - t2]
 
 
 def _rank0() -> bool:

@@ -290,6 +290,7 @@ def cmd_verify(args) -> int:
         t = torch.tensor([x])
         logits = forward.forward_logits(model, [{"tokens": t}])
         if last:
+            logits = [x.cpu() for x in logits]
             with torch.no_grad():
                 ref = hf_model(t).logits.float()
             diff = (logits[0] - ref).abs().max().item()
@@ -330,13 +331,15 @@ def greedy_generate(model, tok, prompt_ids: list[int], max_new_tokens: int) -> s
     import torch.distributed as dist
 
     from ophsd.models import forward
+    from ophsd.runtime import distributed
 
     ids = list(prompt_ids)
     eos = tok.eos_token_id
     last_rank = dist.get_world_size() - 1
     for _ in range(max_new_tokens):
         logits = forward.forward_logits(model, [{"tokens": torch.tensor([ids])}])
-        nxt = torch.tensor([int(logits[0][0, -1].argmax()) if logits is not None else 0])
+        nxt = torch.tensor([int(logits[0][0, -1].argmax()) if logits is not None else 0],
+                           device=distributed.comm_device())
         dist.broadcast(nxt, src=last_rank)
         ids.append(int(nxt))
         if int(nxt) == eos:

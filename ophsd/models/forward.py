@@ -25,7 +25,7 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _forward_step(loss_fn, data_iterator, model):
     batch = next(data_iterator)
-    tokens = batch["tokens"]
+    tokens = batch["tokens"].to(next(model.parameters()).device, non_blocking=True)  # no-op when already there
     pos = batch.get("position_ids")
     if pos is None:
         pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

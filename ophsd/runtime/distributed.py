@@ -20,6 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def comm_device() -> torch.device:
+    """Where model inputs and small collective tensors live: the current CUDA device under NCCL
+    (which rejects CPU tensors), the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 

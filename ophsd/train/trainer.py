@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ophsd.runtime.distributed import comm_device
+from ophsd.train import step
 from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, pack
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -272,7 +273,8 @@ class Trainer:
                 meta = [[(n, tuple(t.shape), t.dtype) for n, t in mine] if dist.get_rank() == src else None]
                 dist.broadcast_object_list(meta, src=src, group=pp_group)
                 for i, (name, shape, dtype) in enumerate(meta[0]):
-                    buf = mine[i][1].contiguous() if dist.get_rank() == src else torch.empty(shape, dtype=dtype)
+                    buf = (mine[i][1].contiguous() if dist.get_rank() == src
+                           else torch.empty(shape, dtype=dtype, device=comm_device()))
                     dist.broadcast(buf, src=src, group=pp_group)
                     if _rank0():
                         tensors.append((name, buf))
@@ -332,18 +334,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loss
     def _teacher_logits(self, mbs: list[MicroBatch]):
         """Teacher logits at the response positions, per micro-batch (last stage; vocab shards)."""
-        from ophsd.models import forward
-
-        model = self.teacher if self.teacher is not None else self.module
-
-        def keep(batch, output, non_loss_data=False):
-            mb = batch["mb"]
-            return output[mb.rows, mb.teacher_pos].detach().contiguous()
-
-        with torch.no_grad():
-            out = forward.run_schedule(model, [{"tokens": mb.teacher_tokens, "mb": mb} for mb in mbs], keep,
-                                       forward_only=True, collect_non_loss_data=True)
-        return list(out) if self.ps.is_pipeline_last_stage() else [None] * len(mbs)
+        return step.teacher_response_logits(self.teacher if self.teacher is not None else self.module, mbs)
 
     def _token_weights(self, mb: MicroBatch, teacher_rows: torch.Tensor | None) -> torch.Tensor:
         """Per-token weights: sample weight x (optional) random / entropy-weighted subsampling."""
@@ -358,7 +349,8 @@ class Trainer:
             probs = self._vocab_parallel_entropy(teacher_rows).clamp_min(1e-6).cpu()
         else:
             probs = torch.ones(n)
-        keep = torch.multinomial(probs * (w > 0), min(k, int((w > 0).sum())), replacement=False, generator=g)
+        alive = (w > 0).cpu()
+        keep = torch.multinomial(probs * alive, min(k, int(alive.sum())), replacement=False, generator=g)
         mask = torch.zeros(n)
         mask[keep] = 1.0
         return w * mask.to(w.device)
@@ -384,9 +376,6 @@ class Trainer:
 
         ``forward_only``: just the weighted mean divergence (the probe metric), no update.
         """
-        from ophsd.models import forward
-        from ophsd_kernels import vocab_parallel_divergence
-
         a, ps = self.args, self.ps
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = len(samples) // dp if len(samples) >= dp else 0
@@ -396,55 +385,32 @@ class Trainer:
         if not forward_only and len(samples) > dp * per_rank:
             # Equal shares keep the DP ranks' schedules in step; the rest (after length filtering) is counted.
             self.counters["skipped/dp_remainder"] += len(samples) - dp * per_rank
-        mbs = pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+        mbs = step.to_device(pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0),
+                             comm_device())
         t0 = time.perf_counter()
         teacher_rows = self._teacher_logits(mbs) if a.objective == "distill" else [None] * len(mbs)
         t_teacher = time.perf_counter() - t0
         token_w = [self._token_weights(mb, tr) if ps.is_pipeline_last_stage() else mb.weights
                    for mb, tr in zip(mbs, teacher_rows)]
-        total_w = torch.tensor(sum(float(w.sum()) for w in token_w))
-        dist.all_reduce(total_w, group=ps.get_data_parallel_group())  # same on every TP rank
-        total_w = max(float(total_w), 1e-12)
-        scale = dp * len(mbs) / total_w  # undo megatron's 1/num_microbatches and DP averaging
-        group = ps.get_tensor_model_parallel_group()
-        vocab = self.spec.vocab_size
-        tp_rank = ps.get_tensor_model_parallel_rank()
-
-        def loss_fn(batch, output, non_loss_data=False):
-            mb, i = batch["mb"], batch["i"]
-            rows = output[mb.rows, mb.student_pos]
-            w = token_w[i].to(rows.device)
-            if a.objective == "distill":
-                per_tok = vocab_parallel_divergence(
-                    rows, teacher_rows[i], kind=a.divergence, beta=a.beta, temperature=a.distill_temperature,
-                    weights=w, vocab_size=vocab, group=group, reduction="none", backend=a.kernel_backend)
-            else:
-                per_tok = self._vocab_parallel_nll(rows, mb.targets.to(rows.device), vocab, tp_rank, group)
-            wsum = (w * per_tok).sum()
-            return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(), "n": torch.tensor(float(w.numel()))}
-
+        if a.objective == "distill":
+            per_token = step.divergence_loss(teacher_rows, kind=a.divergence, beta=a.beta,
+                                             temperature=a.distill_temperature, vocab_size=self.spec.vocab_size,
+                                             backend=a.kernel_backend)
+        else:
+            per_token = step.nll_loss(self.spec.vocab_size)
         if not forward_only:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
         t0 = time.perf_counter()
-        with torch.set_grad_enabled(not forward_only):
-            out = forward.run_schedule(self.model, [{"tokens": mb.student_tokens, "mb": mb, "i": i}
-                                                    for i, mb in enumerate(mbs)], loss_fn, forward_only=forward_only)
+        res = step.student_pass(self.model, mbs, per_token, token_w, forward_only=forward_only)
         t_student = time.perf_counter() - t0
-        stats = torch.zeros(3)
-        if ps.is_pipeline_last_stage() and tp_rank == 0:
-            for o in out:
-                stats += torch.stack([o["wsum"].float().cpu(), o["w"].float().cpu(), o["n"].float().cpu()])
-        dist.all_reduce(stats)
-        loss = float(stats[0] / stats[1].clamp_min(1e-12))
+        loss = res["loss"]
         if forward_only:
             return {"loss": loss}
-        finite = torch.tensor(1.0 if math.isfinite(loss) and self._grads_finite() else 0.0)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         result = {"loss": loss, f"divergence/{a.divergence if a.objective == 'distill' else 'nll'}": loss,
-                  "tokens": int(stats[2]), "tokens_weighted": float(stats[1]),
+                  "tokens": res["tokens"], "tokens_weighted": res["tokens_weighted"],
                   "time/teacher_forward": t_teacher, "time/student_fwd_bwd": t_student}
-        if finite.item() < 1:
+        if not step.finite_everywhere(loss, self.module):
             self.counters["nonfinite_steps"] += 1
             _log(f"step {self.step_num + 1}: non-finite loss or gradient, update skipped "
                  f"({self.counters['nonfinite_steps']} so far)")
@@ -457,27 +423,6 @@ class Trainer:
         result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                       lr=self.optimizer.param_groups[0]["lr"])
         return result
-
-    @staticmethod
-    def _vocab_parallel_nll(rows, targets, vocab, tp_rank, group):
-        """Cross-entropy over vocab shards with padding columns masked (off-policy baseline)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        v_local = rows.shape[-1]
-        start = tp_rank * v_local
-        x = rows.float()
-        if start + v_local > vocab:
-            x = x.clone()
-            x[:, max(0, vocab - start):] = float("-inf")
-        return vocab_parallel_cross_entropy(x[None], targets[None])[0]
-
-    def _grads_finite(self) -> bool:
-        for p in self.module.parameters():
-            g = getattr(p, "main_grad", None)
-            g = p.grad if g is None else g
-            if g is not None and not torch.isfinite(g).all():
-                return False
-        return True
 
     # -------------------------------------------------------------------------------- a step
     def train_step(self) -> dict:
@@ -701,7 +646,7 @@ class Trainer:
         if self.step_num == 0:
             self.evaluate("before")
         while self.step_num < a.train_iters:
-            stop = torch.tensor(1.0 if self.stop_requested else 0.0)
+            stop = torch.tensor(1.0 if self.stop_requested else 0.0, device=comm_device())
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item():
                 self.save_checkpoint(reason="SIGTERM")

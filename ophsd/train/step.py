@@ -1,0 +1,137 @@
+"""One OPHSD update on packed micro-batches: the piece the trainer and ``tools/bench_train.py`` share.
+
+The trainer adds rollouts, token weighting, metrics and the scheduler around these calls; the
+benchmark times them on synthetic batches. Keeping them here means the benchmark measures the
+code that trains.
+
+Devices: model inputs and every small collective tensor live on
+:func:`ophsd.runtime.distributed.comm_device` (the current CUDA device under NCCL, the CPU under
+gloo); NCCL rejects CPU tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ophsd.runtime.distributed import comm_device
+from ophsd.train.pairs import MicroBatch
+
+# (student response rows [n, V/TP], micro-batch, its index, token weights [n]) -> per-token loss [n]
+PerTokenLoss = Callable[[torch.Tensor, MicroBatch, int, torch.Tensor], torch.Tensor]
+
+
+def to_device(mbs: list[MicroBatch], device: torch.device) -> list[MicroBatch]:
+    return [MicroBatch(**{f.name: getattr(mb, f.name).to(device, non_blocking=True) for f in fields(mb)})
+            for mb in mbs]
+
+
+def teacher_response_logits(teacher, mbs: list[MicroBatch]) -> list[torch.Tensor | None]:
+    """Teacher forward (no grad): only the response rows of its vocab-parallel logits are kept,
+    one ``[n, V/TP]`` tensor per micro-batch on the last pipeline stage (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    from ophsd.models import forward
+
+    def keep(batch, output, non_loss_data=False):
+        mb = batch["mb"]
+        return output[mb.rows, mb.teacher_pos].detach().contiguous()
+
+    with torch.no_grad():
+        out = forward.run_schedule(teacher, [{"tokens": mb.teacher_tokens, "mb": mb} for mb in mbs], keep,
+                                   forward_only=True, collect_non_loss_data=True)
+    return list(out) if ps.is_pipeline_last_stage() else [None] * len(mbs)
+
+
+def divergence_loss(teacher_rows: list, *, kind: str, beta: float, temperature: float, vocab_size: int,
+                    backend: str = "auto") -> PerTokenLoss:
+    """Per-token divergence between the student's response rows and the teacher's, over TP shards."""
+    from megatron.core import parallel_state as ps
+
+    from ophsd_kernels import vocab_parallel_divergence
+
+    group = ps.get_tensor_model_parallel_group()
+
+    def per_token(rows, mb, i, w):
+        return vocab_parallel_divergence(rows, teacher_rows[i], kind=kind, beta=beta, temperature=temperature,
+                                         weights=w, vocab_size=vocab_size, group=group, reduction="none",
+                                         backend=backend)
+
+    return per_token
+
+
+def nll_loss(vocab_size: int) -> PerTokenLoss:
+    """Cross-entropy of the response tokens over vocab shards, padding columns masked (off-policy baseline)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+
+    def per_token(rows, mb, i, w):
+        v_local = rows.shape[-1]
+        start = tp_rank * v_local
+        x = rows.float()
+        if start + v_local > vocab_size:
+            x = x.clone()
+            x[:, max(0, vocab_size - start):] = float("-inf")
+        return vocab_parallel_cross_entropy(x[None], mb.targets[None])[0]
+
+    return per_token
+
+
+def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_weights: list[torch.Tensor],
+                 forward_only: bool = False) -> dict:
+    """Student forward (+backward) through megatron's pipeline schedule.
+
+    The objective is the token-weighted mean of ``per_token`` over every micro-batch of every DP
+    rank; megatron divides each micro-batch loss by the micro-batch count and DDP averages over
+    DP, so each micro-batch's weighted sum is scaled by ``dp * n_mb / total_weight`` to undo both.
+    Returns ``loss`` (that mean, the same on every rank), ``tokens`` and ``tokens_weighted``.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ophsd.models import forward
+
+    dev = comm_device()
+    dp = ps.get_data_parallel_world_size()
+    total_w = torch.stack([w.sum() for w in token_weights]).sum().to(dev, torch.float32)
+    dist.all_reduce(total_w, group=ps.get_data_parallel_group())  # same on every TP/PP rank
+    scale = dp * len(mbs) / max(float(total_w), 1e-12)
+
+    def loss_fn(batch, output, non_loss_data=False):
+        mb, i = batch["mb"], batch["i"]
+        rows = output[mb.rows, mb.student_pos]
+        w = token_weights[i].to(rows.device)
+        wsum = (w * per_token(rows, mb, i, w)).sum()
+        return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(),
+                              "n": torch.tensor(float(w.numel()), device=w.device)}
+
+    with torch.set_grad_enabled(not forward_only):
+        out = forward.run_schedule(model, [{"tokens": mb.student_tokens, "mb": mb, "i": i} for i, mb in enumerate(mbs)],
+                                   loss_fn, forward_only=forward_only)
+    stats = torch.zeros(3, device=dev)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for o in out:
+            stats += torch.stack([o["wsum"].float(), o["w"].float(), o["n"].float()]).to(dev)
+    dist.all_reduce(stats)
+    wsum, wtot, n = stats.tolist()
+    return {"loss": wsum / max(wtot, 1e-12), "tokens": int(n), "tokens_weighted": wtot}
+
+
+def grads_finite(module) -> bool:
+    for p in module.parameters():
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is not None and not torch.isfinite(g).all():
+            return False
+    return True
+
+
+def finite_everywhere(loss: float, module) -> bool:
+    """The loss and every rank's gradients are finite (one MIN all-reduce, so all ranks agree)."""
+    ok = torch.tensor(1.0 if math.isfinite(loss) and grads_finite(module) else 0.0, device=comm_device())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() >= 1)
