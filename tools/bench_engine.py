@@ -42,15 +42,9 @@ QUESTIONS = [
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ophsd.runtime.machine import cpu_name
+
+    cpu = cpu_name()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     dev = "no GPU"
     if torch.cuda.is_available():

@@ -202,16 +202,9 @@ def device_description() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} visible)"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads per rank"
+    from ophsd.runtime.machine import cpu_name
+
+    return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads per rank"
 
 
 def _sync():
