@@ -245,9 +245,12 @@ class Trainer:
             from ophsd.rollout.embedded import EmbeddedEngine
 
             # Random-initialised shell: the first weight sync (version 0) fills it from Megatron.
-            hf = AutoModelForCausalLM.from_config(load_config(self.source), dtype=torch.float32).eval()
+            # It shares rank 0's device; on a GPU it generates in the training dtype, on CPU in fp32.
+            device = comm_device()
+            dtype = self.dtype if device.type == "cuda" else torch.float32
+            hf = AutoModelForCausalLM.from_config(load_config(self.source), dtype=dtype).eval()
             self.engine = EmbeddedEngine.from_pretrained_objects(hf, self.tokenizer, name="ophsd-student",
-                                                                 seed=a.seed)
+                                                                 seed=a.seed, device=device, dtype=dtype)
         self._sync_weights(version=0)
 
     # ------------------------------------------------------------------------- weight sync
