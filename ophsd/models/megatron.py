@@ -249,5 +249,13 @@ def build_model(spec: ModelSpec, params_dtype: torch.dtype = torch.float32, use_
         rotary_base=_rope_theta(spec.hf_config),
         **kwargs,
     )
+    # The local spec's torch norms ignore params_dtype and come out fp32. Megatron-LM casts the
+    # whole module (Float16Module); we cast those parameters only (buffers such as RoPE
+    # frequencies keep their precision). A mixed model would also break megatron-core's
+    # bf16 optimizer checkpoints, which map only its 16-bit parameters.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != params_dtype:
+                p.data = p.data.to(params_dtype)
     model.ophsd_spec = spec  # true vocab size travels with the module
     return model
