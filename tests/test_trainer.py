@@ -334,3 +334,40 @@ def test_bf16_checkpoint_resume_is_exact(tiny_model_dir, tmp_path):
     assert all(w.dtype == torch.bfloat16 for w in a["weights"].values())
     for k, w in a["weights"].items():
         assert torch.equal(b["weights"][k], w), k
+
+
+def _flaky_rollout_worker(rank, world, model_dir):
+    """Rollouts where the engine fails every request holding one bad prompt (or every prompt)."""
+    from ophsd.rollout.base import EngineError
+    from ophsd.train.trainer import Trainer
+
+    tr = Trainer(_args(model_dir, "--max-response-length", "8", "--plan-tokens", "8", "--n-samples-per-prompt", "2"))
+    real_generate = tr.engine.generate
+    examples = tr.stream.batch(0, 4)
+    bad = {tuple(tr.engine.apply_chat_template(tr.task.student_messages(examples[1])))}
+
+    def flaky(prompts, sampling):
+        if any(tuple(p) in bad for p in prompts):
+            raise EngineError("server dropped the connection")
+        return real_generate(prompts, sampling)
+
+    tr.engine.generate = flaky
+    samples, stats = tr._rollout()
+    out = {"n_samples": len(samples), "dropped": stats.get("dropped/rollout_failed"),
+           "bank_batch": len(tr._last_examples)}
+    bad.update(tuple(tr.engine.apply_chat_template(tr.task.student_messages(e))) for e in examples)
+    try:
+        tr._rollout()
+        out["all_failed"] = None
+    except EngineError as e:
+        out["all_failed"] = str(e)
+    tr.close()
+    return out
+
+
+def test_failed_rollouts_are_dropped_and_counted(tiny_model_dir):
+    """One prompt whose request keeps failing: its samples are dropped and counted, the other
+    three prompts' samples are kept; every prompt failing raises (the step retries, then stops)."""
+    r = run_ranks(_flaky_rollout_worker, 1, str(tiny_model_dir("llama")))[0]
+    assert r["dropped"] == 1 and r["n_samples"] == 3 * 2 and r["bank_batch"] == 4
+    assert r["all_failed"] and "every student rollout failed" in r["all_failed"]

@@ -297,13 +297,30 @@ class Trainer:
         a = self.args
         stats: dict = {}
         examples = self.stream.batch(self.data_position, a.rollout_batch_size)
+        self._last_examples = examples  # the memory bank takes every true label, rollouts dropped or not
         prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
         t0 = time.perf_counter()
         sampling = SamplingParams(temperature=a.rollout_temperature, top_p=a.rollout_top_p,
                                   max_new_tokens=a.max_response_length, n=a.n_samples_per_prompt,
                                   seed=a.seed * 100003 + self.step_num)
         if a.objective == "distill":
-            completions = self.engine.generate(prompts, sampling)
+            from ophsd.harness.base import call_isolated
+            from ophsd.rollout.base import EngineError
+
+            # One engine call for the batch; if it fails, prompt by prompt: a prompt that still
+            # fails is dropped (counted), a batch where every prompt fails raises (retried by the caller).
+            calls = call_isolated(self.engine, [self.task.student_messages(e) for e in examples], sampling,
+                                  chunk_size=len(examples), max_workers=1)
+            failed = [c.error for c in calls if c.completion is None]
+            if len(failed) == len(calls):
+                raise EngineError(f"every student rollout failed ({failed[0]})")
+            if failed:
+                _log(f"step {self.step_num + 1}: {len(failed)} student rollout(s) failed and are dropped "
+                     f"(first: {failed[0]})")
+                stats["dropped/rollout_failed"] = len(failed)
+            keep = [i for i, c in enumerate(calls) if c.completion is not None]
+            examples, prompts = [examples[i] for i in keep], [prompts[i] for i in keep]
+            completions = [calls[i].completions for i in keep]
         else:
             completions = [[None] for _ in prompts]
         stats["time/rollout"] = time.perf_counter() - t0
@@ -331,7 +348,6 @@ class Trainer:
         if samples:
             stats["reward/student"] = sum(s.meta.get("student_reward", 0.0) for s in samples) / len(samples)
             stats["reward/harness"] = sum(s.meta["harness_reward"] for s in samples) / len(samples)
-        self._last_examples = examples
         return samples, stats
 
     # ------------------------------------------------------------------------------ the loss
@@ -449,7 +465,7 @@ class Trainer:
             self.save_checkpoint(reason="rollout failure")
             raise TrainingError("rollouts failed for a whole batch three times in a row; checkpoint saved")
         kept, stats = payload
-        for k in ("skipped/empty_response", "skipped/too_long"):
+        for k in ("skipped/empty_response", "skipped/too_long", "dropped/rollout_failed"):
             self.counters[k] += stats.get(k, 0)
         result = self._train_on(kept)
         self.step_num += 1
