@@ -261,6 +261,11 @@ def test_distributed_optimizer_checkpoint_reshards(tiny_model_dir, tmp_path):
     for k, w in a["weights"].items():
         assert torch.equal(same["weights"][k], w), k
         torch.testing.assert_close(tp2["weights"][k], w, rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # Resuming without the flag is refused up front, naming it.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "ophsd.train", "--model", d, "--load", run, "--skip-eval"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 1 and "saved with --use-distributed-optimizer; resume the same way" in r.stderr
 
 
 # --------------------------------------------------------------- SGLang engine path

@@ -111,6 +111,8 @@ class Trainer:
         self.run_dir = Path(args.save) if args.save else None
         resume_dir = self._resume_dir(args.load)
         model_dir = resume_dir or (args.load if args.load else None)
+        if resume_dir:
+            self._check_resumable(resume_dir)
         self._load_data()
         self._build_models(model_dir)
         self._build_optimizer()
@@ -624,10 +626,8 @@ class Trainer:
         return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
                 "dp": ps.get_data_parallel_world_size()}
 
-    def _load_trainer_state(self, ckpt: Path) -> None:
-        """Model and optimizer reshard to any TP/PP/DP; RNG streams return only on the same layout."""
-        from ophsd.models import checkpoint
-
+    def _check_resumable(self, ckpt: Path) -> dict:
+        """The trainer state of ``ckpt``, or a TrainingError naming what does not match (before any model is built)."""
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         if not (ckpt / "optimizer").is_dir():
             raise TrainingError(f"--load {ckpt}: no optimizer/ checkpoint (written by an older ophsd?); "
@@ -637,6 +637,13 @@ class Trainer:
             raise TrainingError(f"--load {ckpt}: saved {'with' if saved_dist else 'without'} "
                                 f"--use-distributed-optimizer; resume the same way (megatron-core cannot load "
                                 "one optimizer's state into the other)")
+        return state
+
+    def _load_trainer_state(self, ckpt: Path) -> None:
+        """Model and optimizer reshard to any TP/PP/DP; RNG streams return only on the same layout."""
+        from ophsd.models import checkpoint
+
+        state = self._check_resumable(ckpt)
         checkpoint.load_optimizer(self.optimizer, self.module, ckpt / "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("layout") == self._layout():
