@@ -353,13 +353,10 @@ def make_microbatches(args, vocab: int, dp_rank: int, device) -> list:
 
 
 class Bench:
-    """What every timed step needs besides the model: flags, model spec, device, dtype."""
+    """What every backend's run shares: flags, model spec, device, dtype."""
 
     def __init__(self, args, spec, device, dtype):
         self.args, self.spec, self.device, self.dtype = args, spec, device, dtype
-
-    def step(self, model, module, optimizer, teacher, mbs, fixed_teacher_rows, backend):
-        return timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, self.args, self.spec, backend)
 
 
 def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend) -> tuple[float, list]:
@@ -442,7 +439,7 @@ def run_backend(bench: Bench, backend: str, init_state, teacher, mbs, fixed_rows
         dist.barrier()
         _sync()
         c0, t0 = time.process_time(), time.perf_counter()
-        loss, ph = bench.step(model, student, optimizer, teacher, mbs, fixed_rows, backend)
+        loss, ph = timed_step(model, student, optimizer, teacher, mbs, fixed_rows, a, bench.spec, backend)
         _sync()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         losses.append(loss)

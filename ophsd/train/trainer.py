@@ -111,14 +111,13 @@ class Trainer:
         self.run_dir = Path(args.save) if args.save else None
         resume_dir = self._resume_dir(args.load)
         model_dir = resume_dir or (args.load if args.load else None)
-        if resume_dir:
-            self._check_resumable(resume_dir)
+        resume_state = self._check_resumable(resume_dir) if resume_dir else None
         self._load_data()
         self._build_models(model_dir)
         self._build_optimizer()
         self._build_generation()
         if resume_dir:
-            self._load_trainer_state(resume_dir)
+            self._load_trainer_state(resume_dir, resume_state)
         self._metrics_file = None
         self._tb = None
         if self.run_dir and _rank0():
@@ -606,7 +605,7 @@ class Trainer:
             checkpoint.write_marker(tmp, self.spec, dtype=str(self.dtype).replace("torch.", ""), step=self.step_num)
             torch.save({"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
                         "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "world_size": dist.get_world_size(), "layout": self._layout(),
+                        "layout": self._layout(),
                         "distributed_optimizer": self.args.use_distributed_optimizer,
                         "args": vars(self.args)}, tmp / "trainer_state.pt")
         dist.barrier()
@@ -639,11 +638,10 @@ class Trainer:
                                 "one optimizer's state into the other)")
         return state
 
-    def _load_trainer_state(self, ckpt: Path) -> None:
+    def _load_trainer_state(self, ckpt: Path, state: dict) -> None:
         """Model and optimizer reshard to any TP/PP/DP; RNG streams return only on the same layout."""
         from ophsd.models import checkpoint
 
-        state = self._check_resumable(ckpt)
         checkpoint.load_optimizer(self.optimizer, self.module, ckpt / "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("layout") == self._layout():
