@@ -12,6 +12,12 @@ scheduler runs *continuous batching*:
 * finished rows leave the batch at every step (their cache rows are dropped and columns that
   only hold padding are trimmed).
 
+A *prefix cache* (:class:`PrefixCache`, a radix tree over token ids whose nodes own the KV of
+their tokens, as SGLang's RadixAttention) lets a prefill compute only what is new: each prompt
+takes its longest cached prefix, prompts of one batch that share an uncached prefix (the ``n``
+samples of a prompt; a long instruction common to all prompts) have it computed once, and every
+prefilled prompt is inserted for later calls. It is cleared whenever the weights change.
+
 Weight updates drain the running batch first, so every completion is produced by exactly
 one weight version (``Completion.weight_version``); new requests wait in the queue while the
 weights change. See :mod:`ophsd.rollout.sampling` for the sampling and log-probability
@@ -78,6 +84,196 @@ class _Seq:
     stop_scan_from: int = 0
 
 
+# ---------------------------------------------------------------------- prefix cache
+class _Node:
+    """A radix-tree node: the tokens of its edge and their KV, one ``(keys, values)`` pair per
+    layer, each ``[1, kv_heads, len(key), head_dim]`` (the HF cache layout)."""
+
+    __slots__ = ("key", "kv", "children", "parent", "last_access", "lock_ref")
+
+    def __init__(self, key=(), kv=None, parent=None):
+        self.key: tuple[int, ...] = tuple(key)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = kv
+        self.children: dict[int, _Node] = {}
+        self.parent: _Node | None = parent
+        self.last_access = 0
+        self.lock_ref = 0
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that shares no storage with ``t`` (a slice would pin its whole base)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Radix tree over prompt token ids whose nodes own the KV of their tokens (SGLang's
+    RadixAttention, on dense per-node tensors instead of a paged pool).
+
+    * :meth:`match` finds the longest cached prefix of a token sequence (it may end inside an
+      edge; nothing is split) and :meth:`gather` copies its KV out, per layer;
+    * :meth:`insert` adds a sequence, splitting an edge where the sequence leaves it and
+      asking ``kv_fn(start, end)`` only for the tokens not yet cached;
+    * at most ``max_tokens`` tokens stay cached: after an insert, unlocked leaves are evicted
+      least recently used first. :meth:`lock` / :meth:`unlock` pin a matched path.
+
+    Every KV in the tree was computed at the absolute positions of its tokens (prompts start at
+    position 0), so a cached prefix is valid for any prompt that starts with it, under the
+    weights it was computed with: the engine clears the cache whenever weights change.
+    Not thread-safe; the engine's scheduler thread is its only user (``flush`` is locked).
+    """
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError("PrefixCache needs max_tokens >= 1")
+        self.max_tokens = int(max_tokens)
+        self._clock = itertools.count(1)
+        self.evicted_tokens = 0
+        self.evictions = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.root = _Node()
+        self.root.lock_ref = 1  # never evicted
+        self.total_tokens = 0
+        self.n_nodes = 0
+
+    # -- lookup --------------------------------------------------------------------------
+    def match(self, tokens: Sequence[int]) -> tuple[list[tuple[_Node, int]], int]:
+        """``([(node, tokens used of its edge), ...], matched length)`` for the longest cached
+        prefix of ``tokens``; touches the path (LRU)."""
+        node, pos, path = self.root, 0, []
+        now = next(self._clock)
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            c = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            child.last_access = now
+            path.append((child, c))
+            pos += c
+            if c < len(child.key):
+                break
+            node = child
+        return path, pos
+
+    @staticmethod
+    def gather(path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The KV of a matched path, per layer ``[1, kv_heads, matched, head_dim]`` (a copy)."""
+        out = []
+        for layer in range(n_layers):
+            ks = [node.kv[layer][0][:, :, :c] for node, c in path]
+            vs = [node.kv[layer][1][:, :, :c] for node, c in path]
+            out.append((torch.cat(ks, 2), torch.cat(vs, 2)))
+        return out
+
+    @staticmethod
+    def copy_into(path, dst: list[tuple[torch.Tensor, torch.Tensor]], row: int, end: int) -> None:
+        """Write the KV of a matched path into ``dst`` (per layer ``[B, H, T, D]``) at batch row
+        ``row``, right-aligned to end at column ``end``."""
+        col = end - sum(c for _, c in path)
+        for node, c in path:
+            for (dk, dv), (k, v) in zip(dst, node.kv):
+                dk[row, :, col:col + c] = k[0, :, :c]
+                dv[row, :, col:col + c] = v[0, :, :c]
+            col += c
+
+    def lock(self, path) -> _Node | None:
+        """Pin a matched path (its deepest node and every ancestor) against eviction; returns
+        the handle for :meth:`unlock`, which stays right if an insert splits an edge meanwhile
+        (a split's upper half inherits the lock count)."""
+        node = path[-1][0] if path else None
+        n = node
+        while n is not None and n is not self.root:
+            n.lock_ref += 1
+            n = n.parent
+        return node
+
+    def unlock(self, node: _Node | None) -> None:
+        while node is not None and node is not self.root:
+            node.lock_ref -= 1
+            node = node.parent
+
+    # -- insertion and eviction ----------------------------------------------------------
+    def insert(self, tokens: Sequence[int], kv_fn) -> int:
+        """Cache ``tokens``; ``kv_fn(start, end)`` gives per-layer ``(keys, values)``
+        ``[1, H, end - start, D]`` for the token positions ``start:end`` (called once, for the
+        uncached tail, if any; the tree keeps those tensors, so they must own their storage). Returns how many tokens were added; evicts down to the bound."""
+        tokens = tuple(tokens)
+        node, pos = self.root, 0
+        now = next(self._clock)
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            c = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            if c < len(child.key):
+                child = self._split(child, c)
+            child.last_access = now
+            node, pos = child, pos + c
+        added = len(tokens) - pos
+        if added:
+            kv = list(kv_fn(pos, len(tokens)))
+            leaf = _Node(tokens[pos:], kv, node)
+            leaf.last_access = now
+            node.children[tokens[pos]] = leaf
+            self.total_tokens += added
+            self.n_nodes += 1
+            self.evict(self.max_tokens)
+        return added
+
+    def _split(self, child: _Node, c: int) -> _Node:
+        """Cut ``child``'s edge after ``c`` tokens; returns the new upper node."""
+        parent = child.parent
+        upper = _Node(child.key[:c], [(_own(k[:, :, :c]), _own(v[:, :, :c])) for k, v in child.kv], parent)
+        upper.last_access = child.last_access
+        upper.lock_ref = child.lock_ref
+        parent.children[child.key[0]] = upper
+        child.key = child.key[c:]
+        child.kv = [(_own(k[:, :, c:]), _own(v[:, :, c:])) for k, v in child.kv]
+        child.parent = upper
+        upper.children[child.key[0]] = child
+        self.n_nodes += 1
+        return upper
+
+    def evict(self, max_tokens: int) -> int:
+        """Drop unlocked leaves, least recently used first, until at most ``max_tokens`` stay."""
+        if self.total_tokens <= max_tokens:
+            return 0
+        import heapq
+
+        heap, tie = [], itertools.count()
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            if n.children:
+                stack.extend(n.children.values())
+            elif n.lock_ref == 0:
+                heap.append((n.last_access, next(tie), n))
+        heapq.heapify(heap)
+        freed = 0
+        while self.total_tokens > max_tokens and heap:
+            _, _, n = heapq.heappop(heap)
+            parent = n.parent
+            del parent.children[n.key[0]]
+            self.total_tokens -= len(n.key)
+            self.n_nodes -= 1
+            self.evicted_tokens += len(n.key)
+            self.evictions += 1
+            freed += len(n.key)
+            n.kv = None
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, next(tie), parent))
+        return freed
+
+
 class EmbeddedEngine(Engine):
     """Batched, thread-safe generation on a transformers model (CPU default, CUDA works too).
 
@@ -94,6 +290,10 @@ class EmbeddedEngine(Engine):
             top-k/top-p) or ``"original"`` (``log_softmax(logits)``, SGLang's
             ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``).
         seed: seeds the generators of requests that carry no ``seed`` of their own.
+        prefix_cache_tokens: most prompt tokens whose KV the prefix cache keeps (LRU eviction
+            of unused leaves beyond it); ``0`` turns the cache off. Each cached token costs
+            ``2 * layers * kv_heads * head_dim`` values (SmolLM2-135M fp32: 46 KB, so the
+            default 32768 tokens is at most ~1.5 GB). Off for models with sliding-window layers.
     """
 
     def __init__(
@@ -107,12 +307,15 @@ class EmbeddedEngine(Engine):
         batch_window_s: float = 0.005,
         logprob_mode: str = "temperature",
         seed: int | None = None,
+        prefix_cache_tokens: int = 32768,
         _objects=None,
     ):
         if logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}, got {logprob_mode!r}")
         if max_running < 1 or max_prefill_tokens < 1:
             raise ValueError("max_running and max_prefill_tokens must be >= 1")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0 (0 turns the cache off), got {prefix_cache_tokens}")
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         if _objects is None:
@@ -151,7 +354,12 @@ class EmbeddedEngine(Engine):
         self._released = False
         self._closed = False
         self._abort_running: str | None = None
-        self._stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_batch": 0}
+        self._stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_batch": 0,
+                       "prompt_tokens": 0, "prefill_tokens": 0, "prefix_hit_tokens": 0}
+        # prefix cache: used by the scheduler thread under _pc_lock (flush_cache takes it too)
+        self._pc = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 and self._mergeable else None
+        self._pc_lock = threading.Lock()
+        self._pc_flushes = 0
         # scheduler-thread state
         self._running: list[_Seq] = []
         self._cache = None
@@ -177,9 +385,31 @@ class EmbeddedEngine(Engine):
         return self._model
 
     def stats(self) -> dict:
+        """Counters. Prefill: ``prompt_tokens`` (of every sequence admitted), ``prefill_tokens``
+        (prompt tokens actually run through the model), ``prefix_hit_tokens`` (prompt tokens of
+        admitted sequences whose KV came from the prefix cache); prefix cache: ``prefix_cached_tokens``
+        now, ``prefix_cache_max_tokens`` (0: off), ``prefix_evicted_tokens``, ``prefix_evictions``
+        (nodes), ``prefix_flushes``."""
+        pc = self._pc
         with self._cv:
             return dict(self._stats, waiting=len(self._waiting), running=self._n_running,
-                        paused=self._pause_count > 0, weight_version=self._version)
+                        paused=self._pause_count > 0, weight_version=self._version,
+                        prefix_cache_max_tokens=pc.max_tokens if pc else 0,
+                        prefix_cached_tokens=pc.total_tokens if pc else 0,
+                        prefix_evicted_tokens=pc.evicted_tokens if pc else 0,
+                        prefix_evictions=pc.evictions if pc else 0,
+                        prefix_flushes=self._pc_flushes)
+
+    def flush_cache(self) -> int:
+        """Drop every cached prefix (SGLang's ``/flush_cache``); returns the tokens dropped.
+        Waits for a prefill in progress; running sequences keep their own KV."""
+        if self._pc is None:
+            return 0
+        with self._pc_lock:
+            n = self._pc.total_tokens
+            self._pc.clear()
+            self._pc_flushes += 1
+        return n
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -372,6 +602,7 @@ class EmbeddedEngine(Engine):
             with torch.no_grad():
                 for name, t in staged.items():
                     targets[name].copy_(t)
+            self.flush_cache()  # cached KV belongs to the old weights
             with self._cv:
                 self._version = version
         log.info("embedded engine: %d tensors updated, weight version %d", len(staged), version)
@@ -388,6 +619,7 @@ class EmbeddedEngine(Engine):
                 self._pause_count -= 1
                 return
             self._released = True
+        self.flush_cache()
         if self.device.type != "cpu":
             self._model.to("cpu")
             if self.device.type == "cuda":
@@ -503,6 +735,15 @@ class EmbeddedEngine(Engine):
             return self._model(**kw, use_cache=True)
 
     def _prefill(self, seqs: list[_Seq]):
+        """Prefill new sequences; returns (last logits [B, V] fp32, cache, mask, last positions)."""
+        self._stats["prefills"] += 1
+        self._stats["prompt_tokens"] += sum(len(s.prompt) for s in seqs)
+        if self._pc is None:
+            return self._prefill_plain(seqs)
+        with self._pc_lock:
+            return self._prefill_cached(seqs)
+
+    def _prefill_plain(self, seqs: list[_Seq]):
         from transformers import DynamicCache
 
         L = max(len(s.prompt) for s in seqs)
@@ -516,8 +757,123 @@ class EmbeddedEngine(Engine):
         cache = DynamicCache(config=self._model.config)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, logits_to_keep=1)
-        self._stats["prefills"] += 1
+        self._stats["prefill_tokens"] += sum(len(s.prompt) for s in seqs)
         return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1]
+
+    # Shared prefixes shorter than this are left to each row (a separate forward costs more).
+    MIN_SHARED_PREFIX = 16
+
+    def _prefill_cached(self, seqs: list[_Seq]):
+        pc = self._pc
+        # identical prompts (the n samples of one prompt) are computed once, as one row
+        rows: dict[tuple[int, ...], int] = {}
+        prompts: list[list[int]] = []
+        seq_row = []
+        for s in seqs:
+            r = rows.setdefault(tuple(s.prompt), len(prompts))
+            if r == len(prompts):
+                prompts.append(s.prompt)
+            seq_row.append(r)
+        self._share_prefixes(prompts)
+        # every row: its longest cached prefix, leaving at least the last token to compute
+        matches = [pc.match(p[:-1]) for p in prompts]
+        handles = [pc.lock(path) for path, _ in matches]
+        try:
+            logits, cache, mask, pos = self._prefill_rows(prompts, matches)
+            for i, p in enumerate(prompts):
+                pc.insert(p, self._kv_getter(cache, mask, i))
+        finally:
+            for h in handles:
+                pc.unlock(h)
+        self._stats["prefix_hit_tokens"] += sum(matches[r][1] for r in seq_row)
+        last_pos = pos[:, -1]
+        if seq_row != list(range(len(prompts))):
+            idx = torch.tensor(seq_row, device=logits.device)
+            logits, mask, last_pos = logits[idx], mask[idx], last_pos[idx]
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+        return logits, cache, mask, last_pos
+
+    def _share_prefixes(self, prompts: list[list[int]]) -> None:
+        """Compute and cache, once each, the uncached prefixes that several prompts share.
+
+        The branch points of the prompts' trie are the common prefixes of lexicographically
+        adjacent prompts; shorter ones go first, so a longer one extends a shorter one's KV.
+        """
+        if len(prompts) < 2:
+            return
+        pc = self._pc
+        order = sorted(prompts)
+        points = set()
+        for a, b in zip(order, order[1:]):
+            n = min(_common_len(a, b), len(a) - 1, len(b) - 1)
+            if n >= self.MIN_SHARED_PREFIX:
+                points.add(tuple(a[:n]))
+        for point in sorted(points, key=len):
+            path, m = pc.match(point)
+            if len(point) - m < self.MIN_SHARED_PREFIX:
+                continue
+            handle = pc.lock(path)
+            try:
+                _, cache, mask, _ = self._prefill_rows([list(point)], [(path, m)])
+                pc.insert(point, self._kv_getter(cache, mask, 0))
+            finally:
+                pc.unlock(handle)
+
+    def _prefill_rows(self, prompts: list[list[int]], matches):
+        """One forward over the uncached tails ``prompt[m:]`` of the rows, with their cached KV
+        as ``past_key_values``. Row ``i`` of the cache/mask is ``[pad][cached m_i][pad][tail]``
+        (cached part right-aligned to column ``P = max m``, tails right-aligned to the end);
+        padding has mask 0 and the positions are explicit."""
+        from transformers import DynamicCache
+
+        n = len(prompts)
+        P = max(m for _, m in matches)
+        S = max(len(p) - m for p, (_, m) in zip(prompts, matches))
+        ids = torch.zeros(n, S, dtype=torch.long)
+        mask = torch.zeros(n, P + S, dtype=torch.long)
+        for i, (p, (_, m)) in enumerate(zip(prompts, matches)):
+            ids[i, S - (len(p) - m):] = torch.tensor(p[m:])
+            mask[i, P - m:P] = 1
+            mask[i, P + S - (len(p) - m):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+        cache = DynamicCache(config=self._model.config)
+        if P:
+            ref = next(path for path, m in matches if m)[0][0].kv
+            past = [(k.new_zeros(n, k.shape[1], P, k.shape[3]), v.new_zeros(n, v.shape[1], P, v.shape[3]))
+                    for k, v in ref]
+            for i, (path, m) in enumerate(matches):
+                if m:
+                    PrefixCache.copy_into(path, past, i, P)
+            for layer, (k, v) in zip(cache.layers, past):
+                try:
+                    layer.lazy_initialization(k, v)
+                except TypeError:  # older transformers: lazy_initialization(key_states)
+                    layer.lazy_initialization(k)
+                layer.keys, layer.values = k, v
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            past_key_values=cache, logits_to_keep=1)
+        self._stats["prefill_tokens"] += sum(len(p) - m for p, (_, m) in zip(prompts, matches))
+        return out.logits[:, -1].float(), out.past_key_values, mask, pos
+
+    @staticmethod
+    def _kv_getter(cache, mask, row: int):
+        """``kv_fn`` for :meth:`PrefixCache.insert`: the KV of row ``row``'s prompt positions
+        ``start:end`` (its real, unmasked columns in order), as new tensors."""
+        cols = mask[row].nonzero().squeeze(1)
+
+        def kv_fn(start, end):
+            c = cols[start:end]
+            a, b = int(c[0]), int(c[-1]) + 1
+            if b - a == end - start:  # contiguous columns: slice
+                return [(_own(layer.keys[row:row + 1, :, a:b]), _own(layer.values[row:row + 1, :, a:b]))
+                        for layer in cache.layers]
+            return [(layer.keys[row:row + 1].index_select(2, c), layer.values[row:row + 1].index_select(2, c))
+                    for layer in cache.layers]
+
+        return kv_fn
 
     @staticmethod
     def _layers(cache):

@@ -264,7 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/get_server_info":
                 return self._send(200, {**srv.model_info(), **eng.stats(), "version": P.SGLANG_TARGET_VERSION})
             if path == "/flush_cache":
-                return self._send(200, text="Cache flushed.\n(the embedded engine keeps no prefix cache between requests)\n")
+                n = eng.flush_cache()
+                return self._send(200, text=f"Cache flushed.\n(prefix cache: {n} tokens dropped)\n")
             if method == "GET":
                 raise _HTTPError(404 if path not in _POST_ROUTES else 405,
                                  f"no GET route {path}" + (" (use POST)" if path in _POST_ROUTES else ""))
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: %(default)s)")
     p.add_argument("--max-running", type=int, default=64, help="most sequences decoded together (default: %(default)s)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=32768,
+                   help="prompt tokens whose KV the radix prefix cache keeps, LRU-evicted beyond; 0 turns it off "
+                   "(default: %(default)s)")
     p.add_argument("--logprob-mode", choices=["temperature", "original"], default="temperature",
                    help="temperature: log_softmax(logits/T) like SGLang; original: like SGLANG_RETURN_ORIGINAL_LOGPROB=1")
     p.add_argument("--weight-version", type=int, default=0, help="initial weight version (default: %(default)s)")
@@ -371,7 +375,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         engine = EmbeddedEngine(args.model, dtype=args.dtype, device=args.device, max_running=args.max_running,
-                                logprob_mode=args.logprob_mode, seed=args.seed)
+                                logprob_mode=args.logprob_mode, seed=args.seed,
+                                prefix_cache_tokens=args.prefix_cache_tokens)
     except (ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
