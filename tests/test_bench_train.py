@@ -196,8 +196,8 @@ def test_cpu_smoke_two_backends(tp1):
     assert a > 1e-3 and abs(a - b) <= 1e-4 * abs(a), (a, b)
     assert meta["first_loss_max_rel_diff"] <= 1e-4
     md = (out / "bench_train.md").read_text()
-    assert md.count("\n| cpp |") == 1 and md.count("\n| torch |") == 1
-    assert "| cpp |" in r.stdout and "max relative difference" in r.stdout
+    assert md.count("\n| padded | cpp |") == 1 and md.count("\n| padded | torch |") == 1
+    assert "| padded | cpp |" in r.stdout and "max relative difference" in r.stdout
 
 
 def test_cpu_tp2_torchrun_matches_tp1(tp1, tmp_path):
@@ -248,3 +248,19 @@ def test_user_error_in_a_subprocess_has_no_traceback():
                        text=True, cwd=REPO, env=_env(), timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("bench_train.py: error: --model: model '/nonexistent/dir'")
+
+
+def test_task_shape_layouts_agree(tmp_path):
+    """BANKING77-shaped step: the three layouts compute the same first loss (the packed one is the
+    trainer's default), and packing cuts computed positions per loss-carrying token below 4."""
+    data, r = _bench(tmp_path, "--shape", "banking77", "--layouts", "full-logits,padded,packed",
+                     "--kernel-backend", "torch", "--micro-batch-size", "4")
+    meta, res = data["meta"], data["results"]
+    assert [x["layout"] for x in res] == ["full-logits", "padded", "packed"]
+    assert meta["first_loss_max_rel_diff"] <= 1e-5, [x["first_loss"] for x in res]
+    by = {x["layout"]: x for x in res}
+    assert by["padded"]["student_positions_per_token"] == by["full-logits"]["student_positions_per_token"] > 20
+    assert by["packed"]["student_positions_per_token"] < 4
+    assert by["packed"]["teacher_positions_per_token"] < by["padded"]["teacher_positions_per_token"] / 3
+    assert by["packed"]["tokens_per_step"] < by["padded"]["tokens_per_step"] / 5
+    assert "| packed | torch |" in (tmp_path / "bench_train.md").read_text()

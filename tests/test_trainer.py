@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
     (["--divergence", "jsd", "--beta", "0"], "--beta must be in (0, 1)"),
     (["--task", "gsm8k"], "--task gsm8k needs --data FILE"),
     (["--task", "nope"], "--task 'nope' is unknown"),
-    (["--micro-batch-size", "3"], "must be a multiple of --micro-batch-size"),
+    (["--no-pack-sequences", "--micro-batch-size", "3"], "must be a multiple of --micro-batch-size"),
+    (["--max-tokens-per-micro-batch", "0"], "--max-tokens-per-micro-batch must be >= 1"),
     (["--global-batch-size", "5"], "--global-batch-size (5) must equal"),
     (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
     (["--rollout-engine", "sglang"], "--rollout-engine sglang needs --sglang-url"),
@@ -61,16 +62,20 @@ def test_pairs_alignment_and_skips():
     empty = Sample([1], [1], [])
     kept, skipped = filter_pairs([s1, s2, long, empty], max_prompt_length=10, max_response_length=5)
     assert kept == [s1, s2] and skipped == {"skipped/empty_response": 1, "skipped/too_long": 1}
-    (mb,) = pack(kept, micro_batch_size=2)
-    st, tt = mb.student_tokens, mb.teacher_tokens
-    for r, sp, tp, tgt in zip(mb.rows, mb.student_pos, mb.teacher_pos, mb.targets):
-        # logit at position p predicts token p + 1, in both sequences
-        assert st[r, sp + 1] == tgt and tt[r, tp + 1] == tgt
-    assert mb.rows.tolist() == [0, 0, 1, 1, 1]
-    assert mb.student_pos.tolist() == [2, 3, 1, 2, 3] and mb.teacher_pos.tolist() == [4, 5, 0, 1, 2]
+    (mb,) = pack(kept, micro_batch_size=2, packed=False)
+    st, tt = mb.student.tokens, mb.teacher.tokens
+    assert mb.student.subtree_end is None and mb.teacher.subtree_end is None  # plain causal rows
+    for r, sp, tp, tgt in zip(mb.student.rows, mb.student.pos, mb.teacher.pos, mb.targets):
+        # logit at position p predicts token p + 1, in both sequences (the last response token
+        # predicts nothing that is read, so it is not computed)
+        if sp + 1 < st.shape[1] and st[r, sp + 1] != 0:
+            assert st[r, sp + 1] == tgt and tt[r, tp + 1] == tgt
+    assert mb.student.rows.tolist() == [0, 0, 1, 1, 1] and mb.teacher.rows.tolist() == [0, 0, 1, 1, 1]
+    assert mb.student.pos.tolist() == [2, 3, 1, 2, 3] and mb.teacher.pos.tolist() == [4, 5, 0, 1, 2]
+    assert st[0, :4].tolist() == [1, 2, 3, 9] and st[1, :4].tolist() == [1, 2, 11, 12]
     assert mb.weights.tolist() == [2.0, 2.0, 1.0, 1.0, 1.0]
-    mbs = pack([s1, s2, s1], micro_batch_size=2)  # filler sample has weight 0
-    assert len(mbs) == 2 and mbs[1].weights[2:].sum() == 0 and mbs[0].student_tokens.shape == mbs[1].student_tokens.shape
+    mbs = pack([s1, s2, s1], micro_batch_size=2, packed=False)  # filler sample has weight 0
+    assert len(mbs) == 2 and mbs[1].weights[2:].sum() == 0 and mbs[0].student.tokens.shape == mbs[1].student.tokens.shape
 
 
 # ------------------------------------------------------------------------------ steps

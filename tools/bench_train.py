@@ -239,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--response-length", type=int, default=512, help="response tokens per sequence (the loss rows)")
     g.add_argument("--teacher-extra-length", type=int, default=256,
                    help="the teacher context is longer than the student prompt by this many tokens")
+    g.add_argument("--shape", default="synthetic", choices=["synthetic", *SHAPES],
+                   help="synthetic: --micro-batch-size x --num-microbatches pairs of --seq-length; banking77 / gsm8k: "
+                        "one step's samples shaped like that task (a shared instruction, n=2 samples per prompt, "
+                        "varied response lengths; see SHAPES)")
+    g.add_argument("--layouts", default="padded",
+                   help="comma list compared side by side: full-logits (right-padded rows, output layer at every "
+                        "position: the trainer before response-row selection), padded (right-padded rows, logits "
+                        "at the response rows), packed (prefix-tree packing, the trainer's default)")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, default=4096, help="packed layout's micro-batch budget")
     g.add_argument("--no-teacher", action="store_true",
                    help="student forward+backward only: fixed random teacher logits instead of a teacher forward")
     g = p.add_argument_group("loss and optimizer (the trainer's defaults)")
@@ -295,6 +304,10 @@ def validate(args) -> list[str]:
     for b in backends:
         need(b in valid, f"--kernel-backend: unknown backend '{b}' (choose from {', '.join(valid)})")
     need(len(set(backends)) == len(backends), f"--kernel-backend lists a backend twice: {args.kernel_backend}")
+    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    need(args.layouts and all(x in LAYOUTS for x in args.layouts) and len(set(args.layouts)) == len(args.layouts),
+         f"--layouts: a comma list of distinct {', '.join(LAYOUTS)}")
+    need(args.max_tokens_per_micro_batch >= 1, "--max-tokens-per-micro-batch must be >= 1")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     need(tp >= 1 and pp >= 1, f"--tensor/pipeline-model-parallel-size must be >= 1, got TP={tp} PP={pp}")
     return backends
@@ -318,35 +331,68 @@ def resolve_backends(names: list[str], device) -> list[str]:
 # ------------------------------------------------------------------------------------- data
 
 
-def make_microbatches(args, vocab: int, dp_rank: int, device) -> list:
-    """Synthetic pairs laid out like ``ophsd.train.pairs.pack`` does (full length, no padding).
+# Task-shaped batches (token counts measured with SmolLM2's tokenizer and chat template): a
+# prompt = an instruction shared by every prompt of the task + a per-prompt part; the teacher
+# context likewise; n samples per prompt with response lengths drawn in a range.
+SHAPES = {
+    # BANKING77, draft-verify: the student prompt lists the 77 intents (~650 shared tokens of ~690);
+    # the verify context adds the draft and 5 + 5 labelled neighbours. Responses: ~460 tokens per
+    # 16 samples were measured at the start of training.
+    "banking77": dict(prompts=8, n=2, shared=650, student=40, teacher_shared=650, teacher=200, response=(24, 32)),
+    # GSM8K, plan-solve: a short shared instruction, the problem, and plan + answer hint for the teacher.
+    "gsm8k": dict(prompts=8, n=2, shared=30, student=70, teacher_shared=30, teacher=300, response=(96, 256)),
+}
+LAYOUTS = ("full-logits", "padded", "packed")
 
-    Student ``[prompt | response]`` of ``--seq-length``; teacher ``[extra context | prompt |
-    response]``; the logit for response token j sits at ``Ls-1+j`` / ``Lt-1+j``. Same tokens for
-    every backend (seeded by ``--seed`` and the DP rank; identical over TP and PP).
+
+def task_samples(shape: str, vocab: int, seed: int) -> list:
+    """Synthetic samples with the shared-prefix structure of ``SHAPES[shape]``."""
+    import torch
+
+    from ophsd.train.pairs import Sample
+
+    c = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+
+    def r(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    shared, t_shared = r(c["shared"]), r(c["teacher_shared"])
+    out = []
+    for _ in range(c["prompts"]):
+        sp, tp = shared + r(c["student"]), t_shared + r(c["teacher"])
+        for _ in range(c["n"]):
+            n = int(torch.randint(c["response"][0], c["response"][1] + 1, (1,), generator=g))
+            out.append(Sample(sp, tp, r(n)))
+    return out
+
+
+def make_microbatches(args, vocab: int, dp_rank: int, device, layout: str = "padded") -> list:
+    """The micro-batches of one step, laid out by the trainer's ``ophsd.train.pairs.pack``.
+
+    ``--shape synthetic``: ``--num-microbatches`` x ``--micro-batch-size`` pairs, student
+    ``[prompt | response]`` of ``--seq-length``, teacher ``[extra context | prompt | response]``.
+    A task shape: the samples of one step shaped like that task (``SHAPES``). Same tokens for
+    every backend and layout (seeded by ``--seed`` and the DP rank; identical over TP and PP).
     """
     import torch
 
-    from ophsd.train.pairs import MicroBatch
+    from ophsd.train.pairs import Sample, pack
     from ophsd.train.step import to_device
 
-    b, s, r, extra = args.micro_batch_size, args.seq_length, args.response_length, args.teacher_extra_length
-    ls, lt = s - r, s - r + extra
-    gen = torch.Generator().manual_seed(args.seed * 1000 + dp_rank)
-    out = []
-    for _ in range(args.num_microbatches):
-        prompt = torch.randint(0, vocab, (b, ls), generator=gen)
-        response = torch.randint(0, vocab, (b, r), generator=gen)
-        context = torch.randint(0, vocab, (b, extra), generator=gen)
-        student = torch.cat([prompt, response], 1)
-        teacher = torch.cat([context, prompt, response], 1)
-        rows = torch.arange(b).repeat_interleave(r)
-        j = torch.arange(r).repeat(b)
-        mb = MicroBatch(student_tokens=student, teacher_tokens=teacher, rows=rows, student_pos=ls - 1 + j,
-                        teacher_pos=lt - 1 + j, targets=response.reshape(-1),
-                        weights=torch.ones(b * r, dtype=torch.float32))
-        out.append(mb)
-    return to_device(out, device)
+    if args.shape != "synthetic":
+        samples = task_samples(args.shape, vocab, args.seed * 1000 + dp_rank)
+    else:
+        b, s, r, extra = args.micro_batch_size, args.seq_length, args.response_length, args.teacher_extra_length
+        gen = torch.Generator().manual_seed(args.seed * 1000 + dp_rank)
+        samples = []
+        for _ in range(args.num_microbatches * b):
+            prompt = torch.randint(0, vocab, (s - r,), generator=gen).tolist()
+            response = torch.randint(0, vocab, (r,), generator=gen).tolist()
+            context = torch.randint(0, vocab, (extra,), generator=gen).tolist()
+            samples.append(Sample(prompt, context + prompt, response))
+    mbs = pack(samples, args.micro_batch_size, packed=layout == "packed", max_tokens=args.max_tokens_per_micro_batch)
+    return to_device(mbs, device)
 
 
 # ------------------------------------------------------------------------------------- step
@@ -368,7 +414,8 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
     from ophsd.train import step
 
     t0 = time.perf_counter()
-    teacher_rows = step.teacher_response_logits(teacher, mbs) if teacher is not None else fixed_teacher_rows
+    full = getattr(args, "_layout", "padded") == "full-logits"
+    teacher_rows = step.teacher_response_logits(teacher, mbs, full_logits=full) if teacher is not None else fixed_teacher_rows
     _sync()
     t1 = time.perf_counter()
     per_token = step.divergence_loss(teacher_rows, kind=args.divergence, beta=args.beta,
@@ -376,7 +423,7 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
                                      backend=backend)
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = step.student_pass(model, mbs, per_token, [mb.weights for mb in mbs])["loss"]
+    loss = step.student_pass(model, mbs, per_token, [mb.weights for mb in mbs], full_logits=full)["loss"]
     _sync()
     t2 = time.perf_counter()
     if not step.finite_everywhere(loss, module):
@@ -487,6 +534,7 @@ def summarise(res: dict, ctx: dict) -> dict:
         teacher_tflops_per_step=fl["teacher"] / 1e12,
         total_tflops_per_gpu=fl["total"] / med / world / 1e12,
     )
+    r["flops"] = fl
     r["mfu"] = r["student_tflops_per_gpu"] / peak if peak else None
     r["mfu_incl_teacher"] = r["total_tflops_per_gpu"] / peak if peak else None
     return r
@@ -553,37 +601,57 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
     else:
         teacher = init.requires_grad_(False).eval()  # the frozen copy of the student's initial weights
         init_state = teacher.state_dict()
-    mbs = make_microbatches(args, spec.vocab_size, dp_rank, device)
-    fixed_rows = None
-    if args.no_teacher and ps.is_pipeline_last_stage():
-        g = torch.Generator(device=device).manual_seed(args.seed + 7)
-        v_local = spec.padded_vocab_size // tp
-        fixed_rows = [torch.randn(mb.rows.numel(), v_local, generator=g, device=device).to(dtype) for mb in mbs]
     _log(f"model {args.model}: {spec.arch}, {hf.num_hidden_layers} layers, hidden {hf.hidden_size}, "
          f"vocab {spec.vocab_size} (padded {spec.padded_vocab_size}), {param_count(hf) / 1e6:.1f}M parameters, "
          f"{str(dtype).replace('torch.', '')}, layer spec {'transformer-engine' if te_available() else 'local (SDPA)'}; "
          f"built in {time.perf_counter() - t0:.1f}s")
+    from ophsd.train.pairs import layout_stats
 
-    tokens_per_step = args.micro_batch_size * args.seq_length * args.num_microbatches * dp
-    teacher_tokens = 0 if args.no_teacher else args.micro_batch_size * teacher_len * args.num_microbatches * dp
-    flops = train_step_flops(spec, args.seq_length, tokens_per_step, teacher_len, teacher_tokens,
-                             causal=args.causal_attention_flops)
-    ctx = {"world_size": world, "peak_tflops": peak, "flops": flops, "tokens_per_step": tokens_per_step}
     bench = Bench(args, spec, device, dtype)
     results = []
-    for backend in backends:
-        _log(f"backend {backend}: {args.warmup_steps} warm-up + {args.steps} timed steps")
-        res = summarise(run_backend(bench, backend, init_state, teacher, mbs, fixed_rows), ctx)
-        results.append(res)
-        _log(_line(res, peak))
+    for layout in args.layouts:
+        mbs = make_microbatches(args, spec.vocab_size, dp_rank, device, layout)
+        stats = layout_stats(mbs)
+        fixed_rows = None
+        if args.no_teacher and ps.is_pipeline_last_stage():
+            g = torch.Generator(device=device).manual_seed(args.seed + 7)
+            v_local = spec.padded_vocab_size // tp
+            fixed_rows = [torch.randn(mb.targets.numel(), v_local, generator=g, device=device).to(dtype) for mb in mbs]
+        if args.shape == "synthetic":
+            s_len, t_len = args.seq_length, teacher_len
+            tokens_per_step = args.micro_batch_size * args.seq_length * args.num_microbatches * dp
+            teacher_tokens = 0 if args.no_teacher else args.micro_batch_size * teacher_len * args.num_microbatches * dp
+        else:  # what the layout computes: every position of every row
+            s_len, t_len = mbs[0].student.tokens.shape[1], mbs[0].teacher.tokens.shape[1]
+            tokens_per_step = stats["layout/student_positions"] * dp
+            teacher_tokens = 0 if args.no_teacher else stats["layout/teacher_positions"] * dp
+        flops = train_step_flops(spec, s_len, tokens_per_step, t_len, teacher_tokens,
+                                 causal=args.causal_attention_flops)
+        ctx = {"world_size": world, "peak_tflops": peak, "flops": flops, "tokens_per_step": tokens_per_step}
+        _log(f"layout {layout}: {len(mbs)} micro-batches of student {list(mbs[0].student.tokens.shape)} / teacher "
+             f"{list(mbs[0].teacher.tokens.shape)}; {stats['layout/student_positions_per_token']:.2f} student and "
+             f"{stats['layout/teacher_positions_per_token']:.2f} teacher positions per loss-carrying token")
+        args._layout = layout
+        for backend in backends:
+            _log(f"backend {backend}: {args.warmup_steps} warm-up + {args.steps} timed steps")
+            res = summarise(run_backend(bench, backend, init_state, teacher, mbs, fixed_rows), ctx)
+            res.update(layout=layout, num_microbatches=len(mbs), teacher_tokens_per_step=teacher_tokens,
+                       student_positions_per_token=stats["layout/student_positions_per_token"],
+                       teacher_positions_per_token=stats["layout/teacher_positions_per_token"])
+            results.append(res)
+            _log(_line(res, peak))
+    first_layout = {r["backend"]: r for r in results if r["layout"] == args.layouts[0]}
+    for r in results:
+        r["speedup_vs_first_layout"] = first_layout[r["backend"]]["step_s_median"] / r["step_s_median"]
+    flops = results[0]["flops"] if results else None
+    tokens_per_step, teacher_tokens = results[0]["tokens_per_step"], results[0]["teacher_tokens_per_step"]
 
     launcher = (f"torchrun --nproc-per-node {world}" if "TORCHELASTIC_RUN_ID" in os.environ else "python")
     first = [r["first_loss"] for r in results]
     ref = first[0]
     loss_rel = max(abs(x - ref) / max(abs(ref), 1e-30) for x in first)
-    by_name = {r["backend"]: r for r in results}
-    base = by_name.get("torch")
     for r in results:
+        base = next((x for x in results if x["backend"] == "torch" and x["layout"] == r["layout"]), None)
         r["speedup_vs_torch"] = base["step_s_median"] / r["step_s_median"] if base else None
     meta = {
         "device": dev_name,
@@ -600,6 +668,7 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         "optimizer": args.optimizer, "warmup_steps": args.warmup_steps, "steps": args.steps,
         "layer_spec": "transformer-engine" if te_available() else "local (SDPA)",
         "peak_tflops": peak, "attention_flops": "causal half" if args.causal_attention_flops else "full square",
+        "shape": args.shape, "layouts": args.layouts, "max_tokens_per_micro_batch": args.max_tokens_per_micro_batch,
         "flops_per_step": flops, "tokens_per_step": tokens_per_step, "teacher_tokens_per_step": teacher_tokens,
         "first_loss_max_rel_diff": loss_rel,
         "versions": _versions(), "loadavg_1_5_15": list(os.getloadavg()), "cpu_count": os.cpu_count(),
@@ -639,7 +708,7 @@ def _fmt(x, spec=".3g"):
 def _line(r: dict, peak) -> str:
     cpu = f" (process CPU {r['cpu_s_median']:.3f} s)" if r.get("cpu_s_median") is not None else ""
     mfu = f", MFU {100 * r['mfu']:.1f}% ({100 * r['mfu_incl_teacher']:.1f}% incl. teacher)" if peak else ""
-    return (f"{r['backend']}: step {r['step_s_median']:.4f} s median ({r['step_s_mean']:.4f} mean){cpu}; "
+    return (f"{r.get('layout', '')}/{r['backend']}: step {r['step_s_median']:.4f} s median ({r['step_s_mean']:.4f} mean){cpu}; "
             f"teacher {r['teacher_s_median']:.4f} / student fwd+bwd {r['student_fwd_bwd_s_median']:.4f} / "
             f"optimizer {r['optimizer_s_median']:.4f} s; {r['tokens_per_s_per_gpu']:.1f} tokens/s/GPU; "
             f"{r['student_tflops_per_gpu']:.3g} TFLOP/s/GPU student ({r['total_tflops_per_gpu']:.3g} incl. teacher)"
@@ -649,20 +718,29 @@ def _line(r: dict, peak) -> str:
 def markdown(meta: dict, results: list[dict]) -> str:
     head = (f"Device: {meta['device']}. Model {meta['model']} ({meta['arch']}, {meta['num_layers']} layers, "
             f"{meta['parameters'] / 1e6:.1f}M params, random init), {meta['dtype']}, TP={meta['tp']} PP={meta['pp']} "
-            f"DP={meta['dp']}, micro-batch {meta['micro_batch_size']} x {meta['num_microbatches']} micro-batches, "
-            f"student seq {meta['seq_length']} (response {meta['response_length']}), teacher seq "
-            f"{meta['teacher_seq_length'] if meta['teacher'] else '- (no teacher)'}, {meta['divergence']}, "
+            f"DP={meta['dp']}, "
+            + (f"micro-batch {meta['micro_batch_size']} x {meta['num_microbatches']} micro-batches, "
+               f"student seq {meta['seq_length']} (response {meta['response_length']}), teacher seq "
+               f"{meta['teacher_seq_length'] if meta['teacher'] else '- (no teacher)'}, "
+               if meta["shape"] == "synthetic" else
+               f"one step of {meta['shape']}-shaped samples ({SHAPES[meta['shape']]}; padded micro-batches of "
+               f"{meta['micro_batch_size']}, packed ones of <= {meta['max_tokens_per_micro_batch']} tokens; FLOPs of "
+               "the positions each layout computes), ")
+            + f"{meta['divergence']}, "
             f"{meta['warmup_steps']} warm-up + {meta['steps']} timed steps; FLOPs: Megatron-LM dense GPT, attention "
             f"{meta['attention_flops']}; " + (f"MFU against a peak of {meta['peak_tflops']:g} TFLOP/s per GPU"
                                                if meta["peak_tflops"] else "no MFU (no --peak-tflops)")
             + f". Command: `{meta['command']}`")
-    cols = ["backend", "step s (median)", "step s (mean)", "process CPU s", "teacher s", "student fwd+bwd s",
+    cols = ["layout", "backend", "positions per loss token (student/teacher)", "micro-batches", "speed-up vs "
+            + meta["layouts"][0], "step s (median)", "step s (mean)", "process CPU s", "teacher s", "student fwd+bwd s",
             "optimizer s", "tokens/step", "tokens/s/GPU", "student TFLOP/s/GPU", "MFU",
             "TFLOP/s/GPU incl. teacher", "MFU incl. teacher", "peak mem GiB", "speed-up vs torch", "first loss"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         pct = (lambda x: "-" if x is None else f"{100 * x:.1f}%")
-        vals = [r["backend"], f"{r['step_s_median']:.4f}", f"{r['step_s_mean']:.4f}", _fmt(r.get("cpu_s_median"), ".4f"),
+        vals = [r["layout"], r["backend"],
+                f"{r['student_positions_per_token']:.2f} / {r['teacher_positions_per_token']:.2f}",
+                str(r["num_microbatches"]), f"{r['speedup_vs_first_layout']:.2f}", f"{r['step_s_median']:.4f}", f"{r['step_s_mean']:.4f}", _fmt(r.get("cpu_s_median"), ".4f"),
                 f"{r['teacher_s_median']:.4f}", f"{r['student_fwd_bwd_s_median']:.4f}", f"{r['optimizer_s_median']:.4f}",
                 str(r["tokens_per_step"]), f"{r['tokens_per_s_per_gpu']:.1f}", f"{r['student_tflops_per_gpu']:.3g}",
                 pct(r["mfu"]), f"{r['total_tflops_per_gpu']:.3g}", pct(r["mfu_incl_teacher"]),

@@ -1,8 +1,15 @@
 """Forward (and forward+backward) through megatron-core's pipeline schedules.
 
 One helper for every place that runs the Megatron model: verification, training, scoring.
-Micro-batches are dicts with ``tokens`` [b, s] (int64) and optional ``position_ids``; the
-model returns vocab-parallel logits [b, s, V_padded / TP] on the last pipeline stage.
+Micro-batches are dicts with ``tokens`` [b, s] (int64) and optional
+
+* ``position_ids`` [b, s]: RoPE positions (packed prefix trees restart them per branch);
+* ``subtree_end`` [b, s]: a tree-causal mask (``ophsd.train.pairs``); token j is visible to
+  token i iff ``j <= i < subtree_end[j]``. Without it attention is plain causal;
+* ``logit_index`` (rows, pos): compute logits only there.
+
+The model returns vocab-parallel logits [b, s, V_padded / TP] on the last pipeline stage, or
+[1, n, V_padded / TP] with ``logit_index``.
 """
 from __future__ import annotations
 
@@ -23,14 +30,43 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
+def unwrap(model):
+    """The GPTModel inside DDP-style wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _forward_step(loss_fn, data_iterator, model):
+    from ophsd.train.pairs import tree_attention_mask
+
     batch = next(data_iterator)
-    tokens = batch["tokens"].to(next(model.parameters()).device, non_blocking=True)  # no-op when already there
-    pos = batch.get("position_ids")
-    if pos is None:
-        pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, pos, attention_mask=None)
+    dev = next(model.parameters()).device
+    tokens = batch["tokens"].to(dev, non_blocking=True)  # no-op when already there
+    explicit = batch.get("position_ids")
+    pos = (explicit.to(dev, non_blocking=True) if explicit is not None
+           else torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens))
+    end = batch.get("subtree_end")
+    mask = tree_attention_mask(end.to(dev, non_blocking=True)) if end is not None else None
+    index = batch.get("logit_index")
+    if index is not None:
+        index = tuple(t.to(dev, non_blocking=True) for t in index)
+    inputs = getattr(unwrap(model), "ophsd_inputs", None)
+    if inputs is None:
+        if explicit is not None or index is not None:
+            raise RuntimeError("position_ids/logit_index need a model from ophsd.models.megatron.build_model")
+        output = model(tokens, pos, attention_mask=mask)
+    else:
+        with inputs.use(position_ids=pos if explicit is not None else None, logit_index=index):
+            output = model(tokens, pos, attention_mask=mask)
     return output, partial(loss_fn, batch)
+
+
+def batch_of(rows, full_logits: bool = False, **extra) -> dict:
+    """The schedule's micro-batch dict for a :class:`ophsd.train.pairs.TokenRows` (logits at its
+    response rows only unless ``full_logits``)."""
+    return {"tokens": rows.tokens, "position_ids": rows.position_ids, "subtree_end": rows.subtree_end,
+            "logit_index": None if full_logits else (rows.rows, rows.pos), **extra}
 
 
 def run_schedule(model, microbatches: list[dict], loss_fn: Callable, forward_only: bool = False,

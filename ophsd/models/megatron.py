@@ -8,6 +8,7 @@ columns are excluded downstream (divergence kernel, sampling, verification).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -258,4 +259,83 @@ def build_model(spec: ModelSpec, params_dtype: torch.dtype = torch.float32, use_
             if p.is_floating_point() and p.dtype != params_dtype:
                 p.data = p.data.to(params_dtype)
     model.ophsd_spec = spec  # true vocab size travels with the module
+    model.ophsd_inputs = _install_forward_inputs(model)
     return model
+
+
+class ForwardInputs:
+    """Per-call inputs that ``GPTModel.forward`` has no argument for, set around one forward.
+
+    * ``position_ids`` [b, s]: RoPE positions. megatron-core computes RoPE for 0..s-1 and uses
+      ``position_ids`` only for learned absolute embeddings; packed prefix trees restart
+      positions on every branch.
+    * ``logit_index`` (rows, pos): only these hidden states reach the output layer, so the
+      logits are ``[1, n, V/TP]`` for the n positions the loss reads instead of ``[b, s, V/TP]``.
+
+    Both None (the default) leaves megatron-core's behaviour unchanged.
+    """
+
+    def __init__(self):
+        self.position_ids: torch.Tensor | None = None
+        self.logit_index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def use(self, position_ids=None, logit_index=None):
+        self.position_ids, self.logit_index = position_ids, logit_index
+        try:
+            yield
+        finally:
+            self.position_ids = self.logit_index = None
+
+
+def _rope_at(rope, position_ids: torch.Tensor) -> torch.Tensor:
+    """megatron's RoPE embedding ``[s, b, 1, dim]`` at explicit positions ``[b, s]``."""
+    inv = rope.inv_freq.to(position_ids.device)
+    pos = position_ids.t().to(inv.dtype)
+    if rope.seq_len_interpolation_factor is not None:
+        pos = pos * (1 / rope.seq_len_interpolation_factor)
+    freqs = pos[..., None] * inv  # [s, b, dim/2], the same products as torch.outer(arange, inv)
+    if rope.rotary_interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb[:, :, None, :]
+
+
+def _install_forward_inputs(model) -> ForwardInputs:
+    inputs = ForwardInputs()
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is not None:
+        default_forward = rope.forward
+
+        def rope_forward(*args, **kwargs):
+            if inputs.position_ids is None:
+                return default_forward(*args, **kwargs)
+            return _rope_at(rope, inputs.position_ids)
+
+        rope.forward = rope_forward
+    out = getattr(model, "output_layer", None)
+    if out is not None:
+        def select_rows(module, args, kwargs):
+            if inputs.logit_index is None:
+                return None
+            if model.config.sequence_parallel:
+                raise NotImplementedError("response-row logits with sequence parallelism")
+            rows, pos = inputs.logit_index
+            hidden = args[0]  # [s, b, h]
+            return (hidden[pos, rows].unsqueeze(1), *args[1:]), kwargs
+
+        out.register_forward_pre_hook(select_rows, with_kwargs=True)
+    return inputs
+
+
+def supports_tree_attention(model) -> bool:
+    """The core attention takes an arbitrary mask (the SDPA one does; TE's fused kernels need
+    cu_seqlens-style packing, which cannot express a shared prefix)."""
+    m = model
+    while hasattr(m, "module"):
+        m = m.module
+    layers = getattr(getattr(m, "decoder", None), "layers", None)
+    if not layers:
+        return True
+    return isinstance(layers[0].self_attention.core_attention, sdpa_attention_class())

@@ -28,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="used when --load is not given: HF dir, .gguf or embedded name, converted in memory")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--micro-batch-size", type=int, default=4,
+                   help="sequences per micro-batch with --no-pack-sequences (packed micro-batches are sized "
+                        "by --max-tokens-per-micro-batch)")
+    g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack each micro-batch into one row as a prefix tree: a prefix shared by sequences (the "
+                        "samples of one prompt, a task-wide instruction) is computed once, with tree-causal "
+                        "attention and per-branch positions; exact (same losses and gradients as unpacked)")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, default=4096,
+                   help="packed tokens per micro-batch and pass (student, teacher) with --pack-sequences")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: rollout-batch-size x n-samples-per-prompt)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 parameters (fp32 main weights in the optimizer)")
@@ -139,6 +147,7 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(msg)
 
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                 "max_tokens_per_micro_batch",
                  "train_iters", "rollout_batch_size", "n_samples_per_prompt", "max_prompt_length",
                  "max_response_length"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -178,7 +187,7 @@ def validate(args: argparse.Namespace) -> None:
     need(args.global_batch_size == seqs,
          f"--global-batch-size ({args.global_batch_size}) must equal --rollout-batch-size x "
          f"--n-samples-per-prompt ({seqs}): every on-policy sample is used once")
-    need(args.global_batch_size % args.micro_batch_size == 0,
+    need(args.pack_sequences or args.global_batch_size % args.micro_batch_size == 0,
          f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size ({args.micro_batch_size})")
     if args.load:
         need(Path(args.load).is_dir(), f"--load {args.load}: no such directory")

@@ -11,7 +11,6 @@ gloo); NCCL rejects CPU tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from typing import Callable
 
 import torch
@@ -25,23 +24,29 @@ PerTokenLoss = Callable[[torch.Tensor, MicroBatch, int, torch.Tensor], torch.Ten
 
 
 def to_device(mbs: list[MicroBatch], device: torch.device) -> list[MicroBatch]:
-    return [MicroBatch(**{f.name: getattr(mb, f.name).to(device, non_blocking=True) for f in fields(mb)})
-            for mb in mbs]
+    return [mb.to(device) for mb in mbs]
 
 
-def teacher_response_logits(teacher, mbs: list[MicroBatch]) -> list[torch.Tensor | None]:
+def _response_rows(output: torch.Tensor, rows, full_logits: bool) -> torch.Tensor:
+    # the model computed the response rows only ([1, n, V/TP]), or every position ([b, s, V/TP])
+    return output[rows.rows, rows.pos] if full_logits else output[0]
+
+
+def teacher_response_logits(teacher, mbs: list[MicroBatch], full_logits: bool = False) -> list[torch.Tensor | None]:
     """Teacher forward (no grad): only the response rows of its vocab-parallel logits are kept,
-    one ``[n, V/TP]`` tensor per micro-batch on the last pipeline stage (None elsewhere)."""
+    one ``[n, V/TP]`` tensor per micro-batch on the last pipeline stage (None elsewhere).
+
+    ``full_logits``: run the output layer at every position and index afterwards (the layout
+    before response-row selection; kept for the step benchmark's baseline)."""
     from megatron.core import parallel_state as ps
 
     from ophsd.models import forward
 
     def keep(batch, output, non_loss_data=False):
-        mb = batch["mb"]
-        return output[mb.rows, mb.teacher_pos].detach().contiguous()
+        return _response_rows(output, batch["mb"].teacher, full_logits).detach().contiguous()
 
     with torch.no_grad():
-        out = forward.run_schedule(teacher, [{"tokens": mb.teacher_tokens, "mb": mb} for mb in mbs], keep,
+        out = forward.run_schedule(teacher, [forward.batch_of(mb.teacher, full_logits, mb=mb) for mb in mbs], keep,
                                    forward_only=True, collect_non_loss_data=True)
     return list(out) if ps.is_pipeline_last_stage() else [None] * len(mbs)
 
@@ -83,7 +88,7 @@ def nll_loss(vocab_size: int) -> PerTokenLoss:
 
 
 def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_weights: list[torch.Tensor],
-                 forward_only: bool = False) -> dict:
+                 forward_only: bool = False, full_logits: bool = False) -> dict:
     """Student forward (+backward) through megatron's pipeline schedule.
 
     The objective is the token-weighted mean of ``per_token`` over every micro-batch of every DP
@@ -103,14 +108,14 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
 
     def loss_fn(batch, output, non_loss_data=False):
         mb, i = batch["mb"], batch["i"]
-        rows = output[mb.rows, mb.student_pos]
+        rows = _response_rows(output, mb.student, full_logits)
         w = token_weights[i].to(rows.device)
         wsum = (w * per_token(rows, mb, i, w)).sum()
         return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(),
                               "n": torch.tensor(float(w.numel()), device=w.device)}
 
     with torch.set_grad_enabled(not forward_only):
-        out = forward.run_schedule(model, [{"tokens": mb.student_tokens, "mb": mb, "i": i} for i, mb in enumerate(mbs)],
+        out = forward.run_schedule(model, [forward.batch_of(mb.student, full_logits, mb=mb, i=i) for i, mb in enumerate(mbs)],
                                    loss_fn, forward_only=forward_only)
     stats = torch.zeros(3, device=dev)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ophsd.runtime.distributed import comm_device
 from ophsd.train import step
-from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, pack
+from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, layout_stats, pack
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -362,7 +362,7 @@ class Trainer:
         w = mb.weights.clone()
         if a.token_sampling_ratio >= 1:
             return w
-        g = torch.Generator().manual_seed(a.seed * 7919 + self.step_num * 131 + int(mb.rows.numel()))
+        g = torch.Generator().manual_seed(a.seed * 7919 + self.step_num * 131 + int(mb.targets.numel()))
         n = w.numel()
         k = max(1, int(round(a.token_sampling_ratio * n)))
         if a.entropy_weighting and teacher_rows is not None:
@@ -391,6 +391,19 @@ class Trainer:
         z, s = zs
         return torch.log(z) - s / z
 
+    def _packed(self) -> bool:
+        """Prefix-tree packing when asked for and the core attention takes a tree mask."""
+        if not self.args.pack_sequences:
+            return False
+        if not hasattr(self, "_tree_ok"):
+            from ophsd.models.megatron import supports_tree_attention
+
+            self._tree_ok = supports_tree_attention(self.module)
+            if not self._tree_ok:
+                _log("--pack-sequences: the transformer-engine core attention cannot take a prefix-tree mask; "
+                     "training on right-padded rows (use the local spec for packing)")
+        return self._tree_ok
+
     def _train_on(self, samples: list[Sample], forward_only: bool = False) -> dict:
         """Teacher forward, student forward/backward and the optimizer step on this rank's share.
 
@@ -405,8 +418,9 @@ class Trainer:
         if not forward_only and len(samples) > dp * per_rank:
             # Equal shares keep the DP ranks' schedules in step; the rest (after length filtering) is counted.
             self.counters["skipped/dp_remainder"] += len(samples) - dp * per_rank
-        mbs = step.to_device(pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0),
-                             comm_device())
+        mbs = step.to_device(pack(mine, a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0,
+                                  packed=self._packed(), max_tokens=a.max_tokens_per_micro_batch), comm_device())
+        layout = layout_stats(mbs)
         t0 = time.perf_counter()
         teacher_rows = self._teacher_logits(mbs) if a.objective == "distill" else [None] * len(mbs)
         t_teacher = time.perf_counter() - t0
@@ -427,7 +441,7 @@ class Trainer:
         loss = res["loss"]
         if forward_only:
             return {"loss": loss}
-        result = {"loss": loss, f"divergence/{a.divergence if a.objective == 'distill' else 'nll'}": loss,
+        result = {**layout, "loss": loss, f"divergence/{a.divergence if a.objective == 'distill' else 'nll'}": loss,
                   "tokens": res["tokens"], "tokens_weighted": res["tokens_weighted"],
                   "time/teacher_forward": t_teacher, "time/student_fwd_bwd": t_student}
         if not step.finite_everywhere(loss, self.module):
