@@ -58,7 +58,7 @@ LEARNING_RATE = {"cpu": 5e-5, "gpu": 3e-5}
 #        ~60 s/step expected), answers cut at 24 tokens (the task's own eval budget: a label is
 #        ~5-10 tokens), 300 held-out messages evaluated before and after. The evaluations, not
 #        the steps, dominate: see README.md for the time estimate.
-#   gpu: one H100/H200, all runs of a task concurrently (--jobs); bf16.
+#   gpu: one H100/H200, all runs of a task concurrently (--jobs); bf16, larger packed micro-batches.
 PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
         "banking77": dict(train_iters=12, rollout_batch_size=8, n_samples_per_prompt=2, micro_batch_size=4,
@@ -74,13 +74,16 @@ PRESETS: dict[str, dict[str, dict]] = {
     "gpu": {
         "banking77": dict(train_iters=30, rollout_batch_size=32, n_samples_per_prompt=2, micro_batch_size=16,
                           max_prompt_length=1024, max_response_length=24, eval_limit=500, eval_interval=10,
-                          save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True),
+                          save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True,
+                          max_tokens_per_micro_batch=16384),
         "arith": dict(train_iters=20, rollout_batch_size=16, n_samples_per_prompt=2, micro_batch_size=8,
                       max_prompt_length=1024, max_response_length=192, plan_tokens=192, eval_limit=200,
-                      eval_interval=10, save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True),
+                      eval_interval=10, save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True,
+                      max_tokens_per_micro_batch=16384),
         "gsm8k": dict(train_iters=20, rollout_batch_size=16, n_samples_per_prompt=2, micro_batch_size=8,
                       max_prompt_length=1024, max_response_length=256, plan_tokens=192, eval_limit=200,
-                      eval_interval=10, save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True),
+                      eval_interval=10, save_interval=10, lr_warmup_iters=0, lr_decay_style="constant", bf16=True,
+                      max_tokens_per_micro_batch=16384),
     },
 }
 JOBS = {"cpu": 1, "gpu": 9}  # trainer processes at once
