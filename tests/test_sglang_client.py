@@ -287,3 +287,32 @@ def test_contract_response_parsing():
     assert set(ours["meta_info"]) == set(SGLANG_GENERATE_OUTPUT["meta_info"]) - {"output_token_logprobs"}
     with pytest.raises(ValueError):
         P.completion_from_sglang({"text": "x"}, [1])
+
+
+def test_generate_many_sends_each_prompt_its_own_seed(fresh, llama):
+    """Per-prompt sampling params (the trainer's rollout seeds) reach the servers as each request's
+    sampling_seed, and give the in-process engine's samples for the same requests; one prompt
+    sampled under two seeds differs, under the same seed repeats."""
+    seen = []
+    for s in fresh:
+        def record(requests, rids=None, real=s.engine.submit_many):
+            seen.extend(sp.seed for _, sp in requests)
+            return real(requests, rids)
+
+        s.engine.submit_many = record
+    hot = dict(temperature=1.0, max_new_tokens=8, ignore_eos=True, n=2)
+    reqs = [(p, SamplingParams(**hot, seed=1000 + 17 * i)) for i, p in enumerate(PROMPTS)]
+    same = [(PROMPTS[1], SamplingParams(**hot, seed=s)) for s in (5, 6, 5)]
+    try:
+        with SGLangEngine([s.url for s in fresh]) as eng:
+            got = eng.generate_many(reqs)
+            twice = eng.generate_many(same)
+    finally:
+        for s in fresh:
+            del s.engine.submit_many
+    assert sorted(seen) == [5, 5, 6] + [1000 + 17 * i for i in range(4)]
+    with EmbeddedEngine(str(llama), seed=0) as ref:
+        want = ref.generate_many(reqs)
+    assert [[c.output_ids for c in g] for g in got] == [[c.output_ids for c in g] for g in want]
+    ids = [[c.output_ids for c in g] for g in twice]
+    assert ids[0] == ids[2] and ids[0] != ids[1] and ids[0][0] != ids[0][1]  # sample j draws with seed + j

@@ -161,10 +161,14 @@ class Harness:
         return f"<{type(self).__name__} task={self.task.name}>"
 
 
-def call_isolated(engine: Engine, conversations: Sequence[Messages], sampling: SamplingParams,
+def call_isolated(engine: Engine, conversations: Sequence[Messages],
+                  sampling: SamplingParams | Sequence[SamplingParams],
                   chunk_size: int = 8, max_workers: int = 8, retry_failed: bool = True,
                   desc: str | None = None) -> list[CallResult]:
     """``engine.generate_chat`` over many conversations, one :class:`CallResult` each, in order.
+
+    ``sampling``: one :class:`SamplingParams` for all, or one per conversation (e.g. a seed per
+    prompt; sent with ``engine.generate_chat_many``).
 
     Chunks of ``chunk_size`` conversations are submitted concurrently (``max_workers`` threads)
     so a batching engine sees them together. A chunk that raises is retried one conversation
@@ -182,10 +186,16 @@ def call_isolated(engine: Engine, conversations: Sequence[Messages], sampling: S
         bar = tqdm(total=n, desc=desc, unit="call", leave=False)
     chunk_size = max(1, int(chunk_size))
     chunks = [list(range(s, min(n, s + chunk_size))) for s in range(0, n, chunk_size)]
+    per_conversation = not isinstance(sampling, SamplingParams)
+    if per_conversation and len(sampling) != n:
+        raise ValueError(f"{n} conversations but {len(sampling)} sampling params")
 
     def run_chunk(idx: list[int]):
         try:
-            res = engine.generate_chat([conversations[i] for i in idx], sampling)
+            if per_conversation:
+                res = engine.generate_chat_many([conversations[i] for i in idx], [sampling[i] for i in idx])
+            else:
+                res = engine.generate_chat([conversations[i] for i in idx], sampling)
             if len(res) != len(idx):
                 raise RuntimeError(f"engine returned {len(res)} results for {len(idx)} prompts")
             return idx, [CallResult(r[0] if r else None, None if r else "no completion", list(r or []))

@@ -95,6 +95,44 @@ class Engine(abc.ABC):
         """Render each conversation with the model's chat template, then :meth:`generate`."""
         return self.generate([self.apply_chat_template(c) for c in conversations], sampling)
 
+    def generate_many(
+        self, requests: Sequence[tuple[Sequence[int], SamplingParams]]
+    ) -> list[list[Completion]]:
+        """Like :meth:`generate`, with its own :class:`SamplingParams` per prompt (e.g. its own
+        ``seed``): ``[(prompt_ids, sampling), ...]`` -> one list of ``sampling.n`` completions each.
+
+        Default: an engine with ``submit_many`` (the embedded engine) queues them all at once, so
+        they batch exactly as one :meth:`generate` call would; otherwise the prompts sharing a
+        ``SamplingParams`` go to one :meth:`generate` call, the groups concurrently.
+        """
+        requests = [(p, sp) for p, sp in requests]
+        submit_many = getattr(self, "submit_many", None)
+        if callable(submit_many):
+            return [[f.result() for f in futs] for futs in submit_many(requests)]
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, (_, sp) in enumerate(requests):
+            groups.setdefault(sp, []).append(i)
+        out: list = [None] * len(requests)
+        if len(groups) == 1:
+            (sp, idx), = groups.items()
+            return self.generate([requests[i][0] for i in idx], sp)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(32, len(groups))) as pool:
+            futs = {sp: pool.submit(self.generate, [requests[i][0] for i in idx], sp) for sp, idx in groups.items()}
+            for sp, idx in groups.items():
+                for i, comps in zip(idx, futs[sp].result()):
+                    out[i] = comps
+        return out
+
+    def generate_chat_many(
+        self, conversations: Sequence[Messages], samplings: Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """:meth:`generate_many` over chat conversations, one ``SamplingParams`` each."""
+        if len(conversations) != len(samplings):
+            raise ValueError(f"{len(conversations)} conversations but {len(samplings)} sampling params")
+        return self.generate_many([(self.apply_chat_template(c), sp) for c, sp in zip(conversations, samplings)])
+
     @abc.abstractmethod
     def apply_chat_template(self, messages: Messages) -> list[int]:
         """Prompt token ids for a conversation, ending with the assistant turn header."""

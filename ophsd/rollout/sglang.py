@@ -264,6 +264,19 @@ class SGLangEngine(Engine):
         futs = [self._pool.submit(self._generate_one, p, sampling) for p in checked]
         return [f.result() for f in futs]
 
+    def generate_many(self, requests) -> list[list[Completion]]:
+        """One ``/generate`` request per prompt with its own ``sampling_params`` (``sampling_seed``...)."""
+        if self._closed:
+            raise EngineError("engine is closed")
+        try:
+            checked = [([int(t) for t in p], sp) for p, sp in requests]
+        except (TypeError, ValueError):
+            raise InvalidRequestError("prompts must be sequences of integer token ids") from None
+        if any(not p for p, _ in checked):
+            raise InvalidRequestError("empty prompt: give at least one token id")
+        futs = [self._pool.submit(self._generate_one, p, sp) for p, sp in checked]
+        return [f.result() for f in futs]
+
     def _pick(self, exclude: set) -> _Server | None:
         with self._lock:
             now = time.monotonic()
