@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the whole file, or the dev/train part of a fixed-seed split")
     p.add_argument("--dev-size", type=int, default=500, help="examples in the dev split (default 500)")
     p.add_argument("--seed", type=int, default=0, help="split seed (and arith generator seed)")
-    p.add_argument("--limit", type=int, help="evaluate at most N examples (after the split)")
+    p.add_argument("--limit", type=int, help="evaluate N examples (after the split): a sample drawn with --seed, "
+                                             "stratified by label for classification tasks (round-robin over the "
+                                             "labels in a seeded order: every label once before any twice)")
     p.add_argument("--n-samples", type=int, default=1,
                    help="samples per example for pass@k (default 1: greedy accuracy only)")
     p.add_argument("--pass-k", default=None, help="comma-separated k values (default: powers of 2 up to n)")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="embedded engine dtype (float32, bfloat16)")
     p.add_argument("--device", default="cpu", help="embedded engine device")
     p.add_argument("--output", help="write the JSON result here")
-    p.add_argument("--save-responses", action="store_true", help="include every response in the JSON")
+    p.add_argument("--save-responses", action="store_true", help="include every example's responses, parsed answers and correctness in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -142,10 +144,10 @@ def _load_examples(task, args):
     data = task.load(args.data)
     train_part = None
     if args.split != "all":
-        train_part, dev = split_dev(data, args.dev_size, args.seed)
+        train_part, dev = split_dev(data, args.dev_size, args.seed, key=task.stratum)
         data = dev if args.split == "dev" else train_part
     if args.limit is not None:
-        data = type(data)(data[: args.limit], data.path, data.bad_rows)
+        data = task.sample(data, args.limit, args.seed)
     return data, train_part
 
 
@@ -185,8 +187,10 @@ def evaluate(task, examples, engine, harness=None, n_samples: int = 1, temperatu
         t0 = time.perf_counter()
         convs = [task.student_messages(e) for e in chunk]
         outs = call_isolated(engine, convs, greedy, chunk_size=chunk_size, max_workers=max_workers)
+        answers = []
         for e, o in zip(chunk, outs):
             ans = task.extract_answer(o.text) if o.completion is not None else None
+            answers.append(ans)
             sa["failed"] += o.completion is None
             sa["unparsed"] += ans is None
             sa["scores"].append(_score(task, ans, e))
@@ -214,12 +218,17 @@ def evaluate(task, examples, engine, harness=None, n_samples: int = 1, temperatu
                 harness.update(chunk)  # each example joins the bank after its own prediction
             t_h += time.perf_counter() - t0
         if save_responses:
-            for e, o, r in zip(chunk, outs, hres):
+            for e, o, ans, r in zip(chunk, outs, answers, hres):
+                s_score = _score(task, ans, e)
+                h_score = None if r is None else _score(task, r.answer, e)
                 responses.append({
-                    "id": e.id, "gold": task.format_answer(e.answer), "standalone": o.text,
-                    "standalone_error": o.error,
+                    "id": e.id, "text": task.input_text(e), "gold": task.format_answer(e.answer),
+                    "standalone": o.text, "standalone_error": o.error, "standalone_answer": ans,
+                    "standalone_score": s_score, "standalone_correct": s_score >= 1.0,
+                    "standalone_tokens": len(o.completion.output_ids) if o.completion is not None else 0,
                     "harness": None if r is None else r.final_response,
                     "harness_answer": None if r is None else r.answer,
+                    "harness_score": h_score, "harness_correct": None if r is None else h_score >= 1.0,
                     "mode": None if r is None else r.mode,
                 })
         if bar is not None:

@@ -223,3 +223,42 @@ def test_real_135m_draft_verify_beats_standalone(tmp_path):
     assert res["standalone"]["n"] == res["harness"]["n"] == 6
     assert res["harness"]["accuracy"] >= 0.5
     assert res["harness"]["accuracy"] > res["standalone"]["accuracy"]
+
+
+def test_evaluate_saves_per_example_predictions(tmp_path):
+    task = get_task("banking77")
+    data = task.load(write_bank_csv(tmp_path / "b.csv"))
+    bank = build_bank(data, task, embedder="tfidf", progress=False)
+    eng = ScriptedEngine(lambda conv: "top_up_failed" if conv[-1]["content"].startswith("Classify") else copy_last_label(conv))
+    h = DraftVerifyHarness(task, bank=bank, cold_start=1, progress=False)
+    ex = [Example("1", "my card has not arrived yet", "card_arrival"),
+          Example("2", "top up failed again", "top_up_failed")]
+    res = evaluate(task, ex, eng, h, progress=False, save_responses=True)
+    r1, r2 = res["responses"]
+    assert (r1["id"], r1["text"], r1["gold"]) == ("1", "my card has not arrived yet", "card_arrival")
+    assert (r1["standalone"], r1["standalone_answer"], r1["standalone_correct"], r1["standalone_score"]) == \
+        ("top_up_failed", "top_up_failed", False, 0.0)
+    assert (r2["standalone_answer"], r2["standalone_correct"], r2["standalone_score"]) == ("top_up_failed", True, 1.0)
+    assert (r1["harness_answer"], r1["harness_correct"], r1["mode"]) == ("card_arrival", True, "full")
+    assert r1["standalone_tokens"] == 1 and r1["standalone_error"] is None  # one word: one token here
+    alone = evaluate(task, ex, eng, None, progress=False, save_responses=True)["responses"]
+    assert alone[0]["harness"] is None and alone[0]["harness_correct"] is None
+
+
+def test_cli_limit_takes_a_seeded_stratified_sample(tmp_path):
+    from ophsd.eval import _load_examples, build_parser
+
+    rows = ["text,category"] + [f"message {i} on {lab},intent_{lab}" for lab in range(10) for i in range(10)]
+    (tmp_path / "sorted.csv").write_text("\n".join(rows) + "\n")
+    task = get_task("banking77")
+
+    def load(*argv):
+        args = build_parser().parse_args(["--task", "banking77", "--data", str(tmp_path / "sorted.csv"), *argv])
+        return _load_examples(task, args)[0]
+
+    first = load("--limit", "10")
+    assert sorted(e.answer for e in first) == [f"intent_{lab}" for lab in range(10)]  # not 10 rows of intent_0
+    assert [e.id for e in load("--limit", "10")] == [e.id for e in first]
+    assert [e.id for e in load("--limit", "10", "--seed", "1")] != [e.id for e in first]
+    dev = load("--split", "dev", "--dev-size", "20", "--limit", "10")
+    assert len({e.answer for e in dev}) == 10 and len(load("--split", "dev", "--dev-size", "20")) == 20

@@ -283,3 +283,95 @@ def test_shared_data_loads_and_dev_split_is_stable():
     bd = b.dataset(SHARED / "banking77" / "train.csv", split="dev", dev_size=200, seed=0)
     assert len(b.labels) == 77 and len(bd) == 200
     assert all(b.reward(e.answer, e) == 1.0 for e in bd)
+
+
+# ------------------------------------------------------------------------- seeded samples
+
+def _sorted_intents_csv(path, n_labels=77, per_label=20):
+    """A BANKING77-like file sorted by intent (as the real files are)."""
+    rows = ["text,category"] + [f"message {i} about topic {lab},intent_{lab:02d}"
+                                for lab in range(n_labels) for i in range(per_label)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_seeded_sample_is_stratified_nested_and_deterministic(tmp_path):
+    from collections import Counter
+
+    from ophsd.tasks.base import sample_indices
+
+    t = get_task("banking77")
+    data = t.load(_sorted_intents_csv(tmp_path / "train.csv"))
+    assert [e.answer for e in data[:100]].count("intent_00") == 20  # the first 100 rows: 5 intents
+    s = t.sample(data, 100, seed=0)
+    counts = Counter(e.answer for e in s)
+    assert len(s) == 100 and len({e.id for e in s}) == 100
+    assert len(counts) == 77 and set(counts.values()) == {1, 2}  # every intent once, 23 of them twice
+    assert len({e.answer for e in s[:77]}) == 77  # round-robin: each label before any label twice
+    assert [e.id for e in t.sample(data, 100, seed=0)] == [e.id for e in s]  # same seed, same sample
+    other = t.sample(data, 100, seed=1)
+    assert [e.id for e in other] != [e.id for e in s] and len({e.answer for e in other}) == 77
+    assert [e.id for e in t.sample(data, 40, seed=0)] == [e.id for e in s[:40]]  # samples nest
+    assert [e.id for e in t.sample(data, 5000, seed=0)] == [e.id for e in data]  # all of them: as they are
+    # without labels: the first k of the seeded permutation (what split_dev always drew)
+    import random
+
+    order = list(range(50))
+    random.Random(3).shuffle(order)
+    assert sample_indices(50, 10, seed=3) == order[:10]
+    math_ex = [Example(id=str(i), question=f"q{i}", answer=str(i)) for i in range(50)]
+    assert [e.id for e in get_task("gsm8k").sample(math_ex, 10, seed=3)] == [str(i) for i in order[:10]]
+
+
+def test_dev_split_is_stratified_for_classification(tmp_path):
+    t = get_task("banking77")
+    path = _sorted_intents_csv(tmp_path / "train.csv")
+    dev = t.dataset(path, split="dev", dev_size=100, seed=7)
+    train = t.dataset(path, split="train", dev_size=100, seed=7)
+    assert len({e.answer for e in dev}) == 77 and len(dev) == 100
+    assert not {e.id for e in dev} & {e.id for e in train} and len(dev) + len(train) == 77 * 20
+    assert [e.id for e in t.dataset(path, split="dev", dev_size=100, seed=7)] == [e.id for e in dev]
+    # math tasks keep the plain seeded permutation (the GSM8K dev split is unchanged)
+    ex = [Example(id=str(i), question=f"q{i}", answer=str(i)) for i in range(100)]
+    import random
+
+    order = list(range(100))
+    random.Random(0).shuffle(order)
+    assert [e.id for e in split_dev(ex, 10, seed=0)[1]] == [str(i) for i in order[:10]]
+
+
+# ------------------------------------------------------------------------- prompt length
+
+def _count(messages):
+    """A stand-in tokenizer: 1 token per 4 characters + 4 per message."""
+    return sum(len(m["content"]) // 4 + 4 for m in messages)
+
+
+def test_default_max_prompt_length_covers_the_prompts_training_builds(tmp_path):
+    from ophsd.harness import DraftVerifyHarness, PlanSolveHarness, build_bank
+    from ophsd.harness.opsd import opsd_teacher_messages
+
+    t = get_task("banking77")
+    data = t.load(_sorted_intents_csv(tmp_path / "train.csv"))
+    n = t.default_max_prompt_length(_count, data, k_neighbours=5)
+    assert n % 64 == 0
+    student = max(_count(t.student_messages(e)) for e in data)
+    assert student > 512 // 4  # the 77 intents make the student prompt long
+    h = DraftVerifyHarness(t, bank=build_bank(data, t, embedder="tfidf", progress=False), k=5, progress=False)
+    nbs = h.bank.search(h.bank.encode([e.question for e in data[:40]]), 5, [e.question for e in data[:40]])
+    draft = max(_count(h.draft_messages(e, nb)) for e, nb in zip(data[:40], nbs))
+    # a bank (--bank-data) of long messages: every verify shot at the harness's 300-character clip
+    from ophsd.harness.memory_bank import Neighbour
+
+    long_nbs = [Neighbour("a long message " * 30, f"intent_{i:02d}", 1.0, i) for i in range(3)]
+    verify = _count(h.verify_messages(data[0], "intent_00", long_nbs, long_nbs))
+    assert n >= 1.25 * max(student, draft, verify) and draft < verify
+    # math: the plan-solve teacher context holds a plan of --plan-tokens tokens
+    g = get_task("gsm8k")
+    ex = [Example(id=str(i), question="Tom has 3 apples. " * (i + 1) + "How many?", answer="3",
+                  solution="3 apples. " * (10 - i)) for i in range(10)]
+    n = g.default_max_prompt_length(_count, ex, plan_tokens=200)
+    ps = PlanSolveHarness(g, plan_tokens=200, progress=False)
+    plan = "x" * 800  # 200 tokens of _count
+    assert n >= 1.25 * max(max(_count(ps.solve_messages(e, plan, training=True)),
+                               _count(opsd_teacher_messages(g, e)), _count(g.student_messages(e))) for e in ex)

@@ -111,6 +111,31 @@ class ClassificationTask(Task):
     def _label_sort_key(x: str):
         return (0, int(x), "") if x.isdigit() else (1, 0, x)
 
+    def stratum(self, ex: Example):
+        """Seeded samples stratify on the gold label (the first one for multi-label tasks)."""
+        if isinstance(ex.answer, (list, tuple)):
+            return ex.answer[0] if ex.answer else None
+        return ex.answer
+
+    def prompt_contexts(self, ex, k_neighbours=5, plan_tokens=256):
+        """Adds draft-verify's draft and verify contexts at their largest: every shot's text at the
+        harness's clip length (this example's text repeated) with the longest labels."""
+        from ophsd.harness.draft_verify import DraftVerifyHarness
+        from ophsd.harness.memory_bank import MemoryBank, Neighbour
+
+        out = super().prompt_contexts(ex, k_neighbours, plan_tokens)
+        h = DraftVerifyHarness(self, bank=MemoryBank("tfidf"), k=k_neighbours, progress=False)
+        text = " ".join(self.input_text(ex).split()) or "x"
+        filler = " ".join([text] * (h.max_text_chars // len(text) + 1))[: h.max_text_chars]
+        labels = sorted(self.labels, key=lambda x: len(self.format_answer(x)), reverse=True) or [ex.answer]
+
+        def shots(n):
+            return [Neighbour(filler, labels[i % len(labels)], 1.0, i) for i in range(n)]
+
+        out.append((h.draft_messages(ex, shots(h.k)), 0))
+        out.append((h.verify_messages(ex, labels[0], shots(h.n_confirm), shots(h.n_contrast)), 0))
+        return out
+
     # -- prompts ----------------------------------------------------------------------------
     def label_list_text(self) -> str:
         return "\n".join(f"- {self.display_label(x)}" for x in self.labels)
