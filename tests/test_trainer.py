@@ -163,11 +163,12 @@ def test_divergence_falls_and_teacher_modes(tiny_model_dir):
 # ------------------------------------------------------------------------------ end to end
 
 
-def _train(model_dir, run_dir, *extra):
+def _train(model_dir, run_dir, *extra, skip_eval=True):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "-m", "ophsd.train", "--model", str(model_dir), "--rollout-batch-size", "2",
                         "--micro-batch-size", "2", "--max-response-length", "12", "--plan-tokens", "12",
-                        "--skip-eval", "--no-tensorboard", "--save", str(run_dir), "--lr", "1e-3", *map(str, extra)],
+                        *(["--skip-eval"] if skip_eval else []), "--no-tensorboard", "--save", str(run_dir),
+                        "--lr", "1e-3", *map(str, extra)],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -223,8 +224,14 @@ def test_draft_verify_training_with_seeded_bank(tiny_model_dir, tmp_path):
     m = _train(tiny_model_dir("llama"), tmp_path / "run", "--task", "banking77", "--data", csv,
                "--harness", "draft_verify", "--bank-data", csv, "--bank-k", 2, "--train-iters", 1)
     assert m[-1]["step"] == 1 and m[-1]["pairs_total"] == 2
+    assert m[-1]["pairs_kept"] == 2  # the default --max-prompt-length is derived from the task: it fits
     modes = {k: v for k, v in m[-1].items() if k.startswith("harness/mode/")}
     assert sum(modes.values()) == 2 and "harness/mode/cold_start" not in modes  # the seeded bank is used
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["harness_mode"] in ("full", "draft_only") and r["kept"] for r in rows)
+    # the teacher context is the draft/verify stage's few-shot chat: labelled neighbours as assistant turns
+    assert all("<|im_start|>assistant\ntop_up<|im_end|>" in r["teacher_context"] or
+               "<|im_start|>assistant\ncard_payment_failed<|im_end|>" in r["teacher_context"] for r in rows)
 
 
 # ------------------------------------------------------------------- distributed optimizer
@@ -356,12 +363,14 @@ def _flaky_rollout_worker(rank, world, model_dir):
     examples = tr.stream.batch(0, 4)
     bad = {tuple(tr.engine.apply_chat_template(tr.task.student_messages(examples[1])))}
 
-    def flaky(prompts, sampling):
-        if any(tuple(p) in bad for p in prompts):
-            raise EngineError("server dropped the connection")
-        return real_generate(prompts, sampling)
+    real_generate = tr.engine.generate_many  # the student rollouts: one sampling (seed) per prompt
 
-    tr.engine.generate = flaky
+    def flaky(requests):
+        if any(tuple(p) in bad for p, _ in requests):
+            raise EngineError("server dropped the connection")
+        return real_generate(requests)
+
+    tr.engine.generate_many = flaky
     samples, stats = tr._rollout()
     out = {"n_samples": len(samples), "dropped": stats.get("dropped/rollout_failed"),
            "bank_batch": len(tr._last_examples)}
@@ -381,3 +390,150 @@ def test_failed_rollouts_are_dropped_and_counted(tiny_model_dir):
     r = run_ranks(_flaky_rollout_worker, 1, str(tiny_model_dir("llama")))[0]
     assert r["dropped"] == 1 and r["n_samples"] == 3 * 2 and r["bank_batch"] == 4
     assert r["all_failed"] and "every student rollout failed" in r["all_failed"]
+
+
+# ------------------------------------------------- issue 12: defaults, seeds, observability
+
+
+def test_eval_examples_are_a_seeded_stratified_sample(tmp_path):
+    """--eval-data FILE --eval-limit N: a seeded sample covering the labels of a file sorted by
+    label (not its first N rows); the dev split carved from --data is drawn the same way and held
+    out of training."""
+    from types import SimpleNamespace
+
+    from ophsd.tasks import get_task
+    from ophsd.train.config import parse_args
+    from ophsd.train.trainer import ExampleStream, Trainer
+
+    csv = tmp_path / "sorted.csv"
+    csv.write_text("text,category\n" + "".join(f"message {i} on {lab},intent_{lab}\n"
+                                                for lab in range(20) for i in range(10)))
+
+    def eval_ids(*argv):
+        a = parse_args(["--task", "banking77", "--data", str(csv), "--eval-limit", "20", *argv])
+        return [(e.id, e.answer) for e in Trainer._eval_examples(SimpleNamespace(args=a, task=get_task("banking77")))]
+
+    first = eval_ids("--eval-data", str(csv))
+    assert len(first) == 20 and len({lab for _, lab in first}) == 20  # the first 20 rows hold 2 intents
+    assert eval_ids("--eval-data", str(csv)) == first and eval_ids("--eval-data", str(csv), "--seed", "1") != first
+    dev = eval_ids()
+    assert len({lab for _, lab in dev}) == 20 and eval_ids("--seed", "1") != dev
+    train = ExampleStream(get_task("banking77"), str(csv), 1234, dev_size=20).examples
+    assert len(train) == 180 and not {e.id for e in train} & {i for i, _ in dev}
+    defaults = parse_args([])
+    assert defaults.eval_limit == 100 and defaults.max_prompt_length is None and defaults.log_rollouts == 4
+
+
+def _skip_worker(rank, world, model_dir, extra):
+    from ophsd.train.trainer import Trainer, TrainingError
+
+    tr = Trainer(_args(model_dir, "--max-response-length", "8", "--plan-tokens", "8", *extra))
+    out = {"max_prompt_length": tr.args.max_prompt_length}
+    try:
+        m = tr.train_step()
+        out.update(pairs_kept=m["pairs_kept"], pairs_total=m["pairs_total"], step=tr.step_num)
+    except TrainingError as e:
+        out.update(error=str(e), step=tr.step_num)
+    tr.close()
+    return out
+
+
+def test_all_pairs_skipped_is_an_error_and_the_default_fits(tiny_model_dir):
+    import re
+
+    d = str(tiny_model_dir("llama"))
+    r = run_ranks(_skip_worker, 1, d, ["--max-prompt-length", "8"])[0]
+    m = re.fullmatch(r"step 1: all 4 pairs skipped: prompts \(student prompt or teacher context\) of (\d+)-(\d+) "
+                     r"tokens exceed --max-prompt-length 8; raise it \(left unset, it is derived from the task\)",
+                     r.get("error", ""))
+    assert m, r
+    assert 8 < int(m.group(1)) <= int(m.group(2)) and r["step"] == 0
+    # no --max-prompt-length: derived from the task (arith: plan-solve's solve context with the plan) and every pair fits
+    r = run_ranks(_skip_worker, 1, d, [])[0]
+    assert "error" not in r, r
+    assert r["max_prompt_length"] % 64 == 0 and int(m.group(2)) < r["max_prompt_length"] <= 1024
+    assert r["pairs_kept"] == r["pairs_total"] == 4 and r["step"] == 1
+
+
+def _seed_worker(rank, world, model_dir, run_dir, load):
+    from ophsd.train.trainer import Trainer
+
+    tr = Trainer(_args(model_dir, "--max-response-length", "6", "--plan-tokens", "6", "--n-samples-per-prompt", "2",
+                       "--save", run_dir, *(["--load", run_dir] if load else [])))
+    seen = []
+    real = tr.engine.generate_many
+
+    def record(requests):
+        seen.append([(sp.seed, sp.n) for _, sp in requests])
+        return real(requests)
+
+    tr.engine.generate_many = record
+    out = {}
+    if not load:
+        tr.train_step()
+        out["step1"] = seen[-1]
+        tr.save_checkpoint()
+    samples, _ = tr._rollout()
+    out.update(step2=seen[-1], step_num=tr.step_num, position=tr.data_position,
+               responses=[s.response for s in samples])
+    tr.close()
+    return out
+
+
+def test_rollout_seeds_are_per_prompt_and_survive_resume(tiny_model_dir, tmp_path):
+    """Every prompt of a step samples with its own seed (sample j: seed + j), derived from the run
+    seed, the step and its data position; a resumed run draws the same seeds (and samples)."""
+    from ophsd.train.trainer import rollout_seed
+
+    d, run = str(tiny_model_dir("llama")), str(tmp_path / "run")
+    a = run_ranks(_seed_worker, 1, d, run, False)[0]
+    b = run_ranks(_seed_worker, 1, d, run, True)[0]
+    seeds1, seeds2 = [s for s, _ in a["step1"]], [s for s, _ in a["step2"]]
+    assert all(n == 2 for _, n in a["step1"] + a["step2"])
+    assert seeds1 == [rollout_seed(1234, 0, i) for i in range(4)]
+    assert seeds2 == [rollout_seed(1234, 1, 4 + i) for i in range(4)] and (a["step_num"], a["position"]) == (1, 4)
+    every = sorted(seeds1 + seeds2)
+    assert min(y - x for x, y in zip(every, every[1:])) >= 2  # no prompt meets another's seed + j
+    assert b["step2"] == a["step2"] and (b["step_num"], b["position"]) == (1, 4)  # resumed: the same seeds
+    assert b["responses"] == a["responses"]
+
+
+def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
+    import re
+
+    from ophsd.tasks import get_task
+
+    run = tmp_path / "run"
+    m = _train(tiny_model_dir("llama"), run, "--train-iters", 1, "--n-samples-per-prompt", 2, "--log-rollouts", 3,
+               "--eval-limit", 2, skip_eval=False)
+    assert [r["tag"] for r in m if "tag" in r] == ["before", "after"]
+    rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {r["step"] for r in rows} == {1}
+    assert [r["example_id"] for r in rows] == ["arith-train-0", "arith-train-0", "arith-train-1"]  # 3 of 2 x 2, spread
+    for r in rows:
+        assert set(r) == {"step", "example_id", "student_prompt", "response", "student_reward", "harness_reward",
+                          "harness_mode", "teacher_context", "response_tokens", "student_prompt_tokens",
+                          "teacher_prompt_tokens", "kept"}
+        assert 1 <= r["response_tokens"] <= 12 and r["kept"] is True
+        assert r["student_reward"] in (0.0, 1.0) and r["harness_reward"] in (0.0, 1.0)
+        assert r["harness_mode"] in ("plan_solve", "solve_only")
+        for key in ("student_prompt", "teacher_context"):
+            cut = re.match(r"\[\.\.\.\d+ chars cut\.\.\.\]", r[key])
+            if cut:  # longer than 300 characters: the last 300 after the marker
+                assert len(r[key]) - cut.end() == 300, r[key]
+            else:
+                assert len(r[key]) <= 300 and r[key].startswith("<|im_start|>user\n"), r[key]
+            assert r[key].endswith("<|im_start|>assistant\n")
+        assert r["teacher_context"].startswith("[...")  # plan-solve's context is over 300 characters
+        assert "Put the final answer in \\boxed{}" in r["student_prompt"]
+        assert "the reference answer is" in r["teacher_context"]  # plan-solve's training hint
+        assert r["teacher_prompt_tokens"] > r["student_prompt_tokens"]
+    arith = get_task("arith")
+    for step, tag in ((0, "before"), (1, "after")):
+        preds = [json.loads(x) for x in (run / "eval_predictions" / f"step_{step:07d}.jsonl").read_text().splitlines()]
+        assert [p["id"] for p in preds] == ["arith-dev-0", "arith-dev-1"]
+        assert [p["gold"] for p in preds] == [arith.example(i, "dev").answer for i in range(2)]
+        for p in preds:
+            assert p["step"] == step and p["tag"] == tag and p["text"] == arith.example(int(p["id"][-1]), "dev").question
+            assert p["standalone_correct"] == (p["standalone_answer"] == p["gold"])
+            assert p["harness_correct"] == (p["harness_answer"] == p["gold"]) and p["mode"] in ("plan_solve", "solve_only")

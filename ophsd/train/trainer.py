@@ -8,6 +8,7 @@ moved), and the loss is :func:`ophsd_kernels.vocab_parallel_divergence` over tho
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +44,19 @@ def _broadcast(obj):
 def _log(msg: str) -> None:
     if _rank0():
         print(f"[ophsd] {msg}", flush=True)
+
+
+def rollout_seed(run_seed: int, step: int, position: int) -> int:
+    """Sampling seed of the prompt at data ``position`` (its index in the example stream) in step
+    ``step``: a 62-bit hash, so every prompt of a run has its own random streams (the engines
+    draw sample ``j`` with ``seed + j``) and a resumed run (same step and position) redraws them."""
+    h = hashlib.blake2b(f"ophsd-rollout/{run_seed}/{step}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+def _tail(text: str, n: int = 300) -> str:
+    """The last ``n`` characters, with a marker saying how many were cut."""
+    return text if len(text) <= n else f"[...{len(text) - n} chars cut...]" + text[-n:]
 
 
 class ExampleStream:
@@ -116,13 +130,17 @@ class Trainer:
         self._build_models(model_dir)
         self._build_optimizer()
         self._build_generation()
+        if args.max_prompt_length is None:
+            args.max_prompt_length = _broadcast(self._derived_max_prompt_length() if _rank0() else None)
         if resume_dir:
             self._load_trainer_state(resume_dir, resume_state)
-        self._metrics_file = None
+        self._metrics_file = self._rollouts_file = None
         self._tb = None
         if self.run_dir and _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+            if args.log_rollouts:
+                self._rollouts_file = open(self.run_dir / "rollouts.jsonl", "a")
             (self.run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
             if args.tensorboard:
                 try:
@@ -254,6 +272,16 @@ class Trainer:
                                                                  seed=a.seed, device=device, dtype=dtype)
         self._sync_weights(version=0)
 
+    def _derived_max_prompt_length(self) -> int:
+        """Rank 0: --max-prompt-length from the task (its longest student/teacher prompt on this data)."""
+        a = self.args
+        examples = self.stream.examples if self.stream.examples is not None else self.stream.batch(0, 256)
+        n = self.task.default_max_prompt_length(lambda m: len(self.engine.apply_chat_template(m)), examples,
+                                                k_neighbours=a.bank_k, plan_tokens=a.plan_tokens)
+        _log(f"--max-prompt-length {n}: derived from the task (the longest student prompt or teacher context "
+             f"it builds on this data, +{self.task.prompt_length_margin - 1:.0%})")
+        return n
+
     # ------------------------------------------------------------------------- weight sync
     def _iter_stage_tensors(self):
         from ophsd.models import mapping
@@ -301,9 +329,12 @@ class Trainer:
         self._last_examples = examples  # the memory bank takes every true label, rollouts dropped or not
         prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
         t0 = time.perf_counter()
-        sampling = SamplingParams(temperature=a.rollout_temperature, top_p=a.rollout_top_p,
-                                  max_new_tokens=a.max_response_length, n=a.n_samples_per_prompt,
-                                  seed=a.seed * 100003 + self.step_num)
+        # Each prompt samples with its own seed (sample j: seed + j), a function of the run seed,
+        # the step and its data position: distinct streams per prompt, the same ones after a resume.
+        sampling = [SamplingParams(temperature=a.rollout_temperature, top_p=a.rollout_top_p,
+                                   max_new_tokens=a.max_response_length, n=a.n_samples_per_prompt,
+                                   seed=rollout_seed(a.seed, self.step_num, self.data_position + i))
+                    for i in range(len(examples))]
         if a.objective == "distill":
             from ophsd.harness.base import call_isolated
             from ophsd.rollout.base import EngineError
@@ -340,12 +371,13 @@ class Trainer:
                 if resp and self.tokenizer.eos_token_id is not None:
                     resp.append(self.tokenizer.eos_token_id)
                 samples.append(Sample(prompt, prompt, resp[: a.max_response_length + 1], weight,
-                                      {"harness_reward": harness_reward}))
+                                      {"harness_reward": harness_reward, "example_id": ex.id, "mode": res.mode}))
                 continue
             teacher_prompt = self.engine.apply_chat_template(res.teacher_messages)
             for c in comps:
                 samples.append(Sample(prompt, teacher_prompt, list(c.output_ids), weight,
-                                      {"student_reward": self.task.reward(c.text, ex), "harness_reward": harness_reward}))
+                                      {"student_reward": self.task.reward(c.text, ex), "harness_reward": harness_reward,
+                                       "example_id": ex.id, "mode": res.mode}))
         if samples:
             stats["reward/student"] = sum(s.meta.get("student_reward", 0.0) for s in samples) / len(samples)
             stats["reward/harness"] = sum(s.meta["harness_reward"] for s in samples) / len(samples)
@@ -474,11 +506,16 @@ class Trainer:
             if samples is not None:
                 kept, skipped = filter_pairs(samples, a.max_prompt_length, a.max_response_length + 1)
                 stats.update(skipped, pairs_kept=len(kept), pairs_total=len(samples))
-                payload = (kept, stats)
+                self._log_rollouts(samples, kept)
+                payload = (kept, stats) if kept or not samples else self._all_skipped_message(samples)
         payload = _broadcast(payload)
         if payload is None:
             self.save_checkpoint(reason="rollout failure")
             raise TrainingError("rollouts failed for a whole batch three times in a row; checkpoint saved")
+        if isinstance(payload, str):  # every pair skipped: nothing to learn from, and the next step would be the same
+            if self.step_num > 0:
+                self.save_checkpoint(reason="every pair skipped")
+            raise TrainingError(payload)
         kept, stats = payload
         for k in ("skipped/empty_response", "skipped/too_long", "dropped/rollout_failed"):
             self.counters[k] += stats.get(k, 0)
@@ -494,6 +531,43 @@ class Trainer:
         result["step"] = self.step_num
         result.update({f"total/{k}": v for k, v in self.counters.items()})
         return result
+
+    def _all_skipped_message(self, samples: list[Sample]) -> str:
+        """Why every pair of this step was skipped, naming the flag to change and the lengths seen."""
+        a = self.args
+        prompt = [max(len(s.student_prompt), len(s.teacher_prompt)) for s in samples if s.response]
+        long_p = [n for n in prompt if n > a.max_prompt_length]
+        long_r = [len(s.response) for s in samples if len(s.response) > a.max_response_length + 1]
+        empty = sum(not s.response for s in samples)
+        why = []
+        if long_p:
+            why.append(f"prompts (student prompt or teacher context) of {min(long_p)}-{max(long_p)} tokens exceed "
+                       f"--max-prompt-length {a.max_prompt_length}; raise it (left unset, it is derived from the task)")
+        if long_r:
+            why.append(f"responses of {min(long_r)}-{max(long_r)} tokens exceed --max-response-length "
+                       f"{a.max_response_length}; raise it")
+        if empty:
+            why.append(f"{empty} empty responses (the model answered nothing: check --max-response-length, the "
+                       "model and its chat template)")
+        return f"step {self.step_num + 1}: all {len(samples)} pairs skipped: " + "; ".join(why)
+
+    def _log_rollouts(self, samples: list[Sample], kept: list[Sample]) -> None:
+        """Rank 0: up to --log-rollouts of this step's samples (spread over its prompts) to rollouts.jsonl."""
+        n = self.args.log_rollouts
+        if self._rollouts_file is None or not samples or not n:
+            return
+        kept_ids = {id(s) for s in kept}
+        k = min(n, len(samples))
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False)
+        for s in (samples[i * len(samples) // k] for i in range(k)):
+            row = {"step": self.step_num + 1, "example_id": s.meta.get("example_id"),
+                   "student_prompt": _tail(decode(s.student_prompt)), "response": decode(s.response),
+                   "student_reward": s.meta.get("student_reward"), "harness_reward": s.meta.get("harness_reward"),
+                   "harness_mode": s.meta.get("mode"), "teacher_context": _tail(decode(s.teacher_prompt)),
+                   "response_tokens": len(s.response), "student_prompt_tokens": len(s.student_prompt),
+                   "teacher_prompt_tokens": len(s.teacher_prompt), "kept": id(s) in kept_ids}
+            self._rollouts_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._rollouts_file.flush()
 
     # ------------------------------------------------------------------------------ metrics
     def log_metrics(self, m: dict) -> None:
@@ -549,9 +623,11 @@ class Trainer:
         return 0 if (a.eval_data or a.skip_eval or not a.data) else a.eval_limit
 
     def _eval_examples(self) -> list:
+        """--eval-limit examples: a seeded sample of --eval-data (stratified by label for classification,
+        :meth:`Task.sample`), else the dev split carved from --data (drawn the same way), else arith's dev stream."""
         a = self.args
         if a.eval_data:
-            return list(self.task.dataset(a.eval_data, split="all"))[: a.eval_limit]
+            return list(self.task.sample(self.task.dataset(a.eval_data, split="all"), a.eval_limit, a.seed))
         if a.data:
             return list(self.task.dataset(a.data, split="dev", seed=a.seed, dev_size=a.eval_limit))
         return [self.task.example(i, "dev") for i in range(a.eval_limit)]
@@ -568,7 +644,13 @@ class Trainer:
 
         examples = self._eval_examples()
         harness = self.harness if a.harness != "opsd" else None
-        res = evaluate(self.task, examples, self.engine, harness, progress=True)
+        res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir))
+        if self.run_dir:
+            pred_dir = self.run_dir / "eval_predictions"
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            with open(pred_dir / f"step_{self.step_num:07d}.jsonl", "w") as f:
+                for r in res.pop("responses"):
+                    f.write(json.dumps({"step": self.step_num, "tag": tag, **r}, ensure_ascii=False, default=str) + "\n")
         row = {"step": self.step_num, "tag": tag,
                "eval/standalone_accuracy": res["standalone"]["accuracy"], "eval/n": res["standalone"]["n"]}
         if res.get("harness"):
@@ -707,6 +789,8 @@ class Trainer:
     def close(self):
         if self._metrics_file:
             self._metrics_file.close()
+        if self._rollouts_file:
+            self._rollouts_file.close()
         if self._tb:
             self._tb.close()
         if self._wandb is not None:
