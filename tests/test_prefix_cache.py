@@ -92,7 +92,7 @@ def test_n_samples_of_one_prompt_share_one_row(llama, plain):
         assert eng.stats()["prefill_tokens"] == 60  # computed once for both samples
         _compare(eng, plain, [prompt], SamplingParams(temperature=0.0, max_new_tokens=8, n=3, ignore_eos=True,
                                                       return_logprob=True))
-        assert eng.stats()["prefill_tokens"] == 61  # a repeat computes only the last token
+        assert eng.stats()["prefill_tokens"] == 60  # a repeat: KV and last logits from the tree, no forward
 
 
 def test_prompt_that_is_a_prefix_of_another(llama, plain):
@@ -122,8 +122,31 @@ def test_repeated_calls_hit_the_cache(llama, plain):
         _compare(eng, plain, prompts, SAMPLED)
         after = eng.stats()
     n = sum(len(p) for p in prompts)
-    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 3 * (n - len(prompts))  # n=2: counted twice
-    assert after["prefill_tokens"] - before["prefill_tokens"] == 2 * len(prompts)  # the last tokens only
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 3 * n  # whole prompts (n=2: counted twice)
+    assert after["prefill_tokens"] == before["prefill_tokens"]  # no prompt token computed again
+
+
+def test_repeats_are_bitwise_identical(llama):
+    """A prompt cached whole (KV and last logits) gives exactly what its first call gave."""
+    prompts = _shared_prompts(70, (4, 9), seed=12)
+    with EmbeddedEngine(str(llama)) as eng:
+        for sp in (GREEDY, SAMPLED):
+            first = eng.generate(prompts, sp)
+            again = eng.generate(prompts, sp)
+            assert [[(c.output_ids, c.logprobs) for c in g] for g in again] == \
+                [[(c.output_ids, c.logprobs) for c in g] for g in first]
+        (one,), = eng.generate([prompts[0]], GREEDY)
+        (two,), = eng.generate([prompts[0]], GREEDY)
+        assert (one.output_ids, one.logprobs) == (two.output_ids, two.logprobs)
+
+
+def test_mixed_batch_of_cached_new_and_repeated_prompts(llama, plain):
+    base = _shared_prompts(64, (5, 8, 2), seed=14)
+    with EmbeddedEngine(str(llama)) as eng:
+        _compare(eng, plain, base[:2])
+        mixed = [base[2], base[0], _rand(33, 15), base[1], base[0][:40], base[2]]
+        _compare(eng, plain, mixed, SAMPLED)
+        _compare(eng, plain, mixed[::-1])
 
 
 def test_continuous_batching_with_the_cache(llama, plain):
@@ -252,6 +275,21 @@ def test_radix_tree_match_split_gather_and_lru_eviction():
     assert all(n.lock_ref == 0 for n in _nodes(pc))
     pc.evict(0)
     assert pc.total_tokens == 0 and pc.n_nodes == 0 and not pc.root.children
+
+
+def test_tree_keeps_end_logits_across_splits_and_drops_them_on_eviction():
+    pc = PrefixCache(max_tokens=100)
+    lg = torch.arange(5.0)
+    pc.insert([1, 2, 3, 4], lambda a, b: _kv([1, 2, 3, 4][a:b], a), logits=lg)
+    path, m = pc.match([1, 2, 3, 4])
+    assert PrefixCache.end_logits(path, m, 4) is lg
+    assert PrefixCache.end_logits(*pc.match([1, 2, 3]), 3) is None  # ends inside the edge
+    assert PrefixCache.end_logits(*pc.match([1, 2, 3, 4, 5]), 5) is None  # not all matched
+    pc.insert([1, 2], lambda a, b: _kv([1, 2][a:b], a), logits=-lg)  # splits: logits stay where they belong
+    assert torch.equal(PrefixCache.end_logits(*pc.match([1, 2]), 2), -lg)
+    assert PrefixCache.end_logits(*pc.match([1, 2, 3, 4]), 4) is lg
+    pc.evict(0)
+    assert PrefixCache.end_logits(*pc.match([1, 2]), 2) is None and pc.total_tokens == 0
 
 
 def test_lock_survives_a_split_of_the_locked_edge():

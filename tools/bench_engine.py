@@ -8,11 +8,24 @@ varied length) and greedy decoding with a fixed number of new tokens (EOS ignore
 same process and run. The baseline runs ``--baseline-requests`` prompts one after another
 (its tokens/s does not depend on how many it runs); the engine gets ``c`` requests from ``c``
 threads at once for each concurrency ``c``. Prints a table and writes CSV + Markdown.
+
+    python tools/bench_engine.py --preset banking77 --dtype float32
+
+``--preset banking77``: one OPHSD rollout step of the BANKING77 task on the embedded engine with
+its radix prefix cache off and on, side by side in one process: 8 student prompts (the task's
+own ``student_messages``: instruction + the 77 intent labels, ~670 tokens shared by all, then a
+distinct customer message, ~20-45 tokens), ``n=2`` samples each, 32 new tokens (EOS ignored, so
+both sides generate the same number of tokens), temperature 1, fixed per-prompt seeds. Each
+round times the rollout on a cold cache (flushed, as after a weight update), then the
+draft-verify harness's follow-up shape: 8 greedy calls on the same prompts (they hit what the
+rollout cached). It reports wall and CPU seconds, where the time goes (prefill forwards, decode
+forwards, the rest: sampling and Python), and checks that both engines sampled the same tokens.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import platform
 import statistics
@@ -41,6 +54,41 @@ QUESTIONS = [
 ]
 
 
+# BANKING77's 77 intent names (the order of the dataset's categories.json) and eight customer
+# messages in its style, so the preset needs no data files.
+BANKING77_LABELS = """
+card_arrival card_linking exchange_rate card_payment_wrong_exchange_rate extra_charge_on_statement
+pending_cash_withdrawal fiat_currency_support card_delivery_estimate automatic_top_up
+card_not_working exchange_via_app lost_or_stolen_card age_limit pin_blocked contactless_not_working
+top_up_by_bank_transfer_charge pending_top_up cancel_transfer top_up_limits
+wrong_amount_of_cash_received card_payment_fee_charged transfer_not_received_by_recipient
+supported_cards_and_currencies getting_virtual_card card_acceptance top_up_reverted
+balance_not_updated_after_cheque_or_cash_deposit card_payment_not_recognised edit_personal_details
+why_verify_identity unable_to_verify_identity get_physical_card visa_or_mastercard
+topping_up_by_card disposable_card_limits compromised_card atm_support
+direct_debit_payment_not_recognised passcode_forgotten declined_cash_withdrawal pending_card_payment
+lost_or_stolen_phone request_refund declined_transfer Refund_not_showing_up declined_card_payment
+pending_transfer terminate_account card_swallowed transaction_charged_twice verify_source_of_funds
+transfer_timing reverted_card_payment? change_pin beneficiary_not_allowed transfer_fee_charged
+receiving_money failed_transfer transfer_into_account verify_top_up getting_spare_card
+top_up_by_cash_or_cheque order_physical_card virtual_card_not_working
+wrong_exchange_rate_for_cash_withdrawal get_disposable_virtual_card top_up_failed
+balance_not_updated_after_bank_transfer cash_withdrawal_not_recognised exchange_charge
+top_up_by_card_charge activate_my_card cash_withdrawal_charge card_about_to_expire
+apple_pay_or_google_pay verify_my_identity country_support
+""".split()
+BANKING77_MESSAGES = [
+    "I ordered my new card over two weeks ago and it still has not arrived, is there a way to track where it is?",
+    "Why was I charged a fee when I paid for my groceries with my card in another currency last weekend?",
+    "I tried to take out cash at the ATM this morning but the machine declined my card twice, what is wrong?",
+    "My phone was stolen on the train yesterday and the app is still logged in on it, what should I do now?",
+    "How long does a bank transfer from my account in Germany usually take before the money shows up here?",
+    "I topped up my account with my credit card but the balance has not changed at all since this afternoon.",
+    "Can I get a virtual card for online shopping, and is there a limit on how many of them I can create?",
+    "There are two identical payments to the same restaurant on my statement and I only ate there once.",
+]
+
+
 def machine_description() -> str:
     from ophsd.runtime.machine import cpu_name
 
@@ -56,18 +104,30 @@ def machine_description() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="model name/path (default: %(default)s)")
-    ap.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 (default: %(default)s)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 (default: bfloat16; float32 for --preset banking77, the trainer's CPU dtype)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32,64", help="comma-separated concurrent request counts")
     ap.add_argument("--baseline-requests", type=int, default=4, help="sequential HF generate calls per round")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed rounds per point; the fastest is reported (shared CPUs are noisy), median too")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per point; the fastest is reported (shared CPUs are noisy), median too "
+                    "(default: 3; 2 for --preset banking77)")
     ap.add_argument("--out-dir", default="bench_results/engine", help="where CSV and Markdown go")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--preset", choices=["concurrency", "banking77"], default="concurrency",
+                    help="concurrency: engine vs transformers.generate (default); banking77: one OPHSD rollout "
+                    "step of BANKING77 with the prefix cache off vs on")
+    ap.add_argument("--no-draft", action="store_true", help="banking77: skip the harness-shaped follow-up calls")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.preset == "banking77":
+        args.dtype = args.dtype or "float32"
+        args.repeats = args.repeats or 2
+        return bench_banking77(args)
+    args.dtype = args.dtype or "bfloat16"
+    args.repeats = args.repeats or 3
 
     from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
     from ophsd.rollout import SamplingParams
@@ -176,6 +236,151 @@ def main(argv=None) -> int:
     (out / "bench_engine.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"wrote {out / 'bench_engine.csv'} and {out / 'bench_engine.md'}")
+    return 0
+
+
+
+def _timed_engine(engine):
+    """Count the seconds an engine spends in prefill and in decode forwards (instance patches)."""
+    spent = {"prefill": 0.0, "decode": 0.0}
+    prefill, forward = engine._prefill, engine._forward
+    inside = [False]
+
+    def timed_prefill(seqs):
+        t = time.perf_counter()
+        inside[0] = True
+        try:
+            return prefill(seqs)
+        finally:
+            inside[0] = False
+            spent["prefill"] += time.perf_counter() - t
+
+    def timed_forward(**kw):
+        t = time.perf_counter()
+        try:
+            return forward(**kw)
+        finally:
+            if not inside[0]:
+                spent["decode"] += time.perf_counter() - t
+
+    engine._prefill, engine._forward = timed_prefill, timed_forward
+    return spent
+
+
+def bench_banking77(args) -> int:
+    from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
+    from ophsd.rollout import SamplingParams
+    from ophsd.rollout.embedded import EmbeddedEngine, parse_dtype
+    from ophsd.tasks import get_task
+    from ophsd.tasks.base import Example
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    t0 = time.time()
+    source = resolve_model(args.model)
+    model = load_hf_model(source, dtype).to(args.device)
+    tok = load_tokenizer(source)
+    machine = machine_description()
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine}", flush=True)
+    task = get_task("banking77", labels=BANKING77_LABELS)
+    prompts = []
+    for i, msg in enumerate(BANKING77_MESSAGES):
+        ids = tok.apply_chat_template(task.student_messages(Example(id=str(i), question=msg, answer="card_arrival")),
+                                      add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    shared = min(sum(1 for _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(prompts[0], p)))
+                 for p in prompts[1:])
+    n_new = args.new_tokens
+    rollout = [(p, SamplingParams(temperature=1.0, max_new_tokens=n_new, n=2, seed=1000 + 2 * i, ignore_eos=True,
+                                  return_logprob=True)) for i, p in enumerate(prompts)]
+    draft = [(p, SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)) for p in prompts]
+    lens = [len(p) for p in prompts]
+    print(f"8 prompts of {min(lens)}-{max(lens)} tokens, {shared} shared by all; n=2, {n_new} new tokens", flush=True)
+
+    engines = {
+        "off": EmbeddedEngine.from_pretrained_objects(model, tok, name=args.model, dtype=dtype, device=args.device,
+                                                      prefix_cache_tokens=0),
+        "on": EmbeddedEngine.from_pretrained_objects(model, tok, name=args.model, dtype=dtype, device=args.device),
+    }
+    spent = {k: _timed_engine(e) for k, e in engines.items()}
+    warm = tok("Hello there, how are you today?")["input_ids"]
+    for e in engines.values():  # warm-up on an unrelated prompt, then a cold cache
+        e.generate([warm], SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
+        e.flush_cache()
+
+    def timed(eng, reqs):
+        w, c = time.perf_counter(), time.process_time()
+        out = [[f.result() for f in futs] for futs in eng.submit_many(reqs)]
+        return out, time.perf_counter() - w, time.process_time() - c
+
+    rows, outputs = [], {}
+    for r in range(args.repeats):
+        for name in (["off", "on"] if r % 2 == 0 else ["on", "off"]):  # alternate who goes first
+            eng = engines[name]
+            eng.flush_cache()  # every round starts cold, as after a weight update
+            before = eng.stats()
+            sp0 = dict(spent[name])
+            res, wall, cpu = timed(eng, rollout)
+            st = eng.stats()
+            pre, dec = spent[name]["prefill"] - sp0["prefill"], spent[name]["decode"] - sp0["decode"]
+            row = {"round": r + 1, "cache": name, "phase": "rollout 8x2", "seconds": round(wall, 2),
+                   "cpu_seconds": round(cpu, 2), "prefill_s": round(pre, 2), "decode_fwd_s": round(dec, 2),
+                   "other_s": round(wall - pre - dec, 2),
+                   "prefilled_tokens": st["prefill_tokens"] - before["prefill_tokens"],
+                   "hit_tokens": st["prefix_hit_tokens"] - before["prefix_hit_tokens"]}
+            rows.append(row)
+            outputs[name] = res
+            print(row, flush=True)
+            if not args.no_draft:
+                before, sp0 = eng.stats(), dict(spent[name])
+                _, wall, cpu = timed(eng, draft)
+                st = eng.stats()
+                pre, dec = spent[name]["prefill"] - sp0["prefill"], spent[name]["decode"] - sp0["decode"]
+                row = {"round": r + 1, "cache": name, "phase": "then 8 draft calls", "seconds": round(wall, 2),
+                       "cpu_seconds": round(cpu, 2), "prefill_s": round(pre, 2), "decode_fwd_s": round(dec, 2),
+                       "other_s": round(wall - pre - dec, 2),
+                       "prefilled_tokens": st["prefill_tokens"] - before["prefill_tokens"],
+                       "hit_tokens": st["prefix_hit_tokens"] - before["prefix_hit_tokens"]}
+                rows.append(row)
+                print(row, flush=True)
+    same = sum(a.output_ids == b.output_ids for ga, gb in zip(outputs["off"], outputs["on"]) for a, b in zip(ga, gb))
+    lp_diff = max(max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs))
+                  for ga, gb in zip(outputs["off"], outputs["on"]) for a, b in zip(ga, gb))
+    for e in engines.values():
+        e.close()
+
+    def best(cache, phase):
+        return min((x for x in rows if x["cache"] == cache and x["phase"] == phase), key=lambda x: x["seconds"])
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_engine_banking77.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = [f"BANKING77 rollout step, {args.model}, {args.dtype}, {args.device}: 8 prompts of {min(lens)}-{max(lens)} "
+          f"tokens ({shared} shared), n=2, {n_new} new tokens, temperature 1, fixed seeds. Machine: {machine}.",
+          f"Sampled tokens identical with and without the cache: {same}/16; largest log-probability difference "
+          f"{lp_diff:.2e}.", "",
+          "| round | prefix cache | phase | wall s | CPU s | prefill s | decode fwd s | other s | prefilled tokens "
+          "| cache-hit tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        md.append(f"| {x['round']} | {x['cache']} | {x['phase']} | {x['seconds']} | {x['cpu_seconds']} | "
+                  f"{x['prefill_s']} | {x['decode_fwd_s']} | {x['other_s']} | {x['prefilled_tokens']} | "
+                  f"{x['hit_tokens']} |")
+    md.append("")
+    phases = ["rollout 8x2"] + ([] if args.no_draft else ["then 8 draft calls"])
+    for ph in phases:
+        off, on = best("off", ph), best("on", ph)
+        md.append(f"- {ph}: best wall {off['seconds']} s off, {on['seconds']} s on: **{off['seconds'] / on['seconds']:.1f}x**; "
+                  f"per round: " + ", ".join(
+                      f"{a['seconds'] / b['seconds']:.1f}x" for a, b in zip(
+                          [x for x in rows if x["cache"] == "off" and x["phase"] == ph],
+                          [x for x in rows if x["cache"] == "on" and x["phase"] == ph])))
+    (out / "bench_engine_banking77.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"wrote {out / 'bench_engine_banking77.csv'} and {out / 'bench_engine_banking77.md'}")
     return 0
 
 

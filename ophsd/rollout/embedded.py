@@ -84,12 +84,105 @@ class _Seq:
     stop_scan_from: int = 0
 
 
+def _cat_rows(parts):
+    """Concatenate batches ``(logits, cache, mask, last_pos)`` along the rows, left-padding the
+    caches and masks to a common length (the first part's cache object is reused)."""
+    L = max(mask.shape[1] for _, _, mask, _ in parts)
+    cache = parts[0][1]
+    for i, layer in enumerate(cache.layers):
+        for attr in ("keys", "values"):
+            setattr(layer, attr, torch.cat([F.pad(getattr(c.layers[i], attr), (0, 0, L - m.shape[1], 0))
+                                             for _, c, m, _ in parts], 0))
+    mask = torch.cat([F.pad(m, (L - m.shape[1], 0)) for _, _, m, _ in parts], 0)
+    return (torch.cat([lg for lg, _, _, _ in parts]), cache, mask, torch.cat([lp for _, _, _, lp in parts]))
+
+
+# ---------------------------------------------------------------------- KV cache layer
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare columns.
+
+        ``DynamicLayer.update`` concatenates: every decode step copies the whole cache of every
+        layer into fresh memory. Here a step writes its column in place and only a full buffer
+        (every ``GROW`` steps) or a tensor set from outside (the engine's merge/select assign
+        ``keys``/``values``) is copied into a new buffer. Callers never write into ``keys``.
+        """
+
+        GROW = 64
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._kbuf = self._vbuf = None
+
+        def _backed(self) -> bool:
+            k, b = self.keys, self._kbuf
+            return (b is not None and k.data_ptr() == b.data_ptr() and k.shape[:2] == b.shape[:2]
+                    and k.stride() == b.stride() and self.values.data_ptr() == self._vbuf.data_ptr())
+
+        def reserve(self, batch: int, length: int, extra: int, like_k, like_v, zero: bool = True) -> None:
+            """Start as ``batch`` rows of ``length`` zero columns (filled in place by the caller)
+            with room for ``extra`` more."""
+            cap = length + extra + self.GROW
+            self._kbuf = like_k.new_empty(batch, like_k.shape[1], cap, like_k.shape[3])
+            self._vbuf = like_v.new_empty(batch, like_v.shape[1], cap, like_v.shape[3])
+            if zero:
+                self._kbuf[:, :, :length].zero_()
+                self._vbuf[:, :, :length].zero_()
+            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
+            self.device, self.is_initialized = like_k.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self.device = key_states.device
+                self.is_initialized = True
+                self.keys = self.values = None
+                n = 0
+            else:
+                n = self.keys.shape[-2]
+            add = key_states.shape[-2]
+            if n == 0 or not self._backed() or self._kbuf.shape[-2] < n + add:
+                b, h, _, d = key_states.shape
+                kb = key_states.new_empty(b, h, n + add + self.GROW, d)
+                vb = value_states.new_empty(b, h, n + add + self.GROW, value_states.shape[-1])
+                if n:
+                    kb[:, :, :n] = self.keys
+                    vb[:, :, :n] = self.values
+                self._kbuf, self._vbuf = kb, vb
+            self._kbuf[:, :, n:n + add] = key_states
+            self._vbuf[:, :, n:n + add] = value_states
+            self.keys = self._kbuf[:, :, :n + add]
+            self.values = self._vbuf[:, :, :n + add]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+_GrowingLayer = None
+
+
+def _new_kv_cache(config):
+    """A transformers ``DynamicCache`` for ``config`` whose plain full-attention layers append
+    in place (:func:`_growing_layer_class`); other layer kinds are left as transformers makes them."""
+    global _GrowingLayer
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _GrowingLayer is None:
+        _GrowingLayer = _growing_layer_class()
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 # ---------------------------------------------------------------------- prefix cache
 class _Node:
     """A radix-tree node: the tokens of its edge and their KV, one ``(keys, values)`` pair per
-    layer, each ``[1, kv_heads, len(key), head_dim]`` (the HF cache layout)."""
+    layer, each ``[1, kv_heads, len(key), head_dim]`` (the HF cache layout); ``logits`` (fp32
+    ``[vocab]``) after its last token when a prompt that ends here was prefilled."""
 
-    __slots__ = ("key", "kv", "children", "parent", "last_access", "lock_ref")
+    __slots__ = ("key", "kv", "children", "parent", "last_access", "lock_ref", "logits")
 
     def __init__(self, key=(), kv=None, parent=None):
         self.key: tuple[int, ...] = tuple(key)
@@ -98,6 +191,7 @@ class _Node:
         self.parent: _Node | None = parent
         self.last_access = 0
         self.lock_ref = 0
+        self.logits: torch.Tensor | None = None
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +214,9 @@ class PrefixCache:
     * :meth:`match` finds the longest cached prefix of a token sequence (it may end inside an
       edge; nothing is split) and :meth:`gather` copies its KV out, per layer;
     * :meth:`insert` adds a sequence, splitting an edge where the sequence leaves it and
-      asking ``kv_fn(start, end)`` only for the tokens not yet cached;
+      asking ``kv_fn(start, end)`` only for the tokens not yet cached, and can keep the logits
+      after its last token: a later prompt equal to a cached one then needs no forward at all
+      (:meth:`end_logits`), and repeats of a prompt give bitwise-identical results;
     * at most ``max_tokens`` tokens stay cached: after an insert, unlocked leaves are evicted
       least recently used first. :meth:`lock` / :meth:`unlock` pin a matched path.
 
@@ -165,6 +261,15 @@ class PrefixCache:
         return path, pos
 
     @staticmethod
+    def end_logits(path, matched: int, length: int) -> torch.Tensor | None:
+        """The logits cached after the last of ``length`` tokens, if the match covers them all
+        and ends where such logits were stored."""
+        if matched != length or not path:
+            return None
+        node, c = path[-1]
+        return node.logits if c == len(node.key) else None
+
+    @staticmethod
     def gather(path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The KV of a matched path, per layer ``[1, kv_heads, matched, head_dim]`` (a copy)."""
         out = []
@@ -202,10 +307,12 @@ class PrefixCache:
             node = node.parent
 
     # -- insertion and eviction ----------------------------------------------------------
-    def insert(self, tokens: Sequence[int], kv_fn) -> int:
+    def insert(self, tokens: Sequence[int], kv_fn, logits: torch.Tensor | None = None) -> int:
         """Cache ``tokens``; ``kv_fn(start, end)`` gives per-layer ``(keys, values)``
         ``[1, H, end - start, D]`` for the token positions ``start:end`` (called once, for the
-        uncached tail, if any; the tree keeps those tensors, so they must own their storage). Returns how many tokens were added; evicts down to the bound."""
+        uncached tail, if any; the tree keeps those tensors, so they must own their storage).
+        ``logits``: the model's logits after the last token, kept on the node where ``tokens``
+        end. Returns how many tokens were added; evicts down to the bound."""
         tokens = tuple(tokens)
         node, pos = self.root, 0
         now = next(self._clock)
@@ -226,6 +333,10 @@ class PrefixCache:
             node.children[tokens[pos]] = leaf
             self.total_tokens += added
             self.n_nodes += 1
+            node = leaf
+        if logits is not None and node is not self.root and node.logits is None:
+            node.logits = logits
+        if added:
             self.evict(self.max_tokens)
         return added
 
@@ -268,7 +379,7 @@ class PrefixCache:
             self.evicted_tokens += len(n.key)
             self.evictions += 1
             freed += len(n.key)
-            n.kv = None
+            n.kv = n.logits = None
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, next(tie), parent))
         return freed
@@ -744,8 +855,6 @@ class EmbeddedEngine(Engine):
             return self._prefill_cached(seqs)
 
     def _prefill_plain(self, seqs: list[_Seq]):
-        from transformers import DynamicCache
-
         L = max(len(s.prompt) for s in seqs)
         ids = torch.zeros(len(seqs), L, dtype=torch.long)
         mask = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -754,7 +863,7 @@ class EmbeddedEngine(Engine):
             mask[i, L - len(s.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
+        cache = _new_kv_cache(self._model.config)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, logits_to_keep=1)
         self._stats["prefill_tokens"] += sum(len(s.prompt) for s in seqs)
@@ -774,26 +883,80 @@ class EmbeddedEngine(Engine):
             if r == len(prompts):
                 prompts.append(s.prompt)
             seq_row.append(r)
-        self._share_prefixes(prompts)
-        # every row: its longest cached prefix, leaving at least the last token to compute
-        matches = [pc.match(p[:-1]) for p in prompts]
-        handles = [pc.lock(path) for path, _ in matches]
-        try:
-            logits, cache, mask, pos = self._prefill_rows(prompts, matches)
-            for i, p in enumerate(prompts):
-                pc.insert(p, self._kv_getter(cache, mask, i))
-        finally:
-            for h in handles:
-                pc.unlock(h)
-        self._stats["prefix_hit_tokens"] += sum(matches[r][1] for r in seq_row)
-        last_pos = pos[:, -1]
-        if seq_row != list(range(len(prompts))):
-            idx = torch.tensor(seq_row, device=logits.device)
+        # prompts cached whole, with their last logits: rows straight from the tree, no forward
+        hits, todo, hit_len = [], [], [0] * len(prompts)
+        for r, p in enumerate(prompts):
+            path, m = pc.match(p)
+            lg = PrefixCache.end_logits(path, m, len(p))
+            if lg is not None:
+                hits.append((r, path, lg))
+                hit_len[r] = len(p)
+            else:
+                todo.append(r)
+        parts, order = [], []
+        if hits:
+            parts.append(self._rows_from_tree([prompts[r] for r, _, _ in hits],
+                                              [(path, len(prompts[r])) for r, path, _ in hits],
+                                              torch.stack([lg for _, _, lg in hits])))
+            order += [r for r, _, _ in hits]
+        if todo:
+            todo_prompts = [prompts[r] for r in todo]
+            self._share_prefixes(todo_prompts)
+            # every row: its longest cached prefix, leaving at least the last token to compute
+            matches = [pc.match(p[:-1]) for p in todo_prompts]
+            handles = [pc.lock(path) for path, _ in matches]
+            try:
+                logits, cache, mask, pos = self._prefill_rows(todo_prompts, matches)
+                for i, p in enumerate(todo_prompts):
+                    pc.insert(p, self._kv_getter(cache, mask, i), logits=_own(logits[i]))
+            finally:
+                for h in handles:
+                    pc.unlock(h)
+            parts.append((logits, cache, mask, pos[:, -1]))
+            order += todo
+            for r, (_, m) in zip(todo, matches):
+                hit_len[r] = m
+        self._stats["prefix_hit_tokens"] += sum(hit_len[r] for r in seq_row)
+        logits, cache, mask, last_pos = parts[0] if len(parts) == 1 else _cat_rows(parts)
+        row_of = {r: i for i, r in enumerate(order)}
+        take = [row_of[r] for r in seq_row]
+        if take != list(range(len(order))):
+            idx = torch.tensor(take, device=logits.device)
             logits, mask, last_pos = logits[idx], mask[idx], last_pos[idx]
             for layer in cache.layers:
                 layer.keys = layer.keys.index_select(0, idx)
                 layer.values = layer.values.index_select(0, idx)
         return logits, cache, mask, last_pos
+
+    def _rows_from_tree(self, prompts, matches, logits):
+        """Rows for prompts cached whole: their KV copied out of the tree (left-padded), the
+        stored logits, no forward."""
+        cache, mask = self._past_from_tree(prompts, matches, 0)
+        last_pos = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return logits, cache, mask, last_pos
+
+    def _past_from_tree(self, prompts, matches, S: int):
+        """A KV cache of ``len(prompts)`` rows holding each row's matched KV right-aligned to
+        column ``P = max m`` (left padding zero, mask 0), with room for ``S`` more columns; and the
+        ``[rows, P + S]`` mask (its last ``S`` columns are left to the caller)."""
+        n = len(prompts)
+        P = max(m for _, m in matches)
+        mask = torch.zeros(n, P + S, dtype=torch.long)
+        for i, (_, m) in enumerate(matches):
+            mask[i, P - m:P] = 1
+        cache = _new_kv_cache(self._model.config)
+        if P:
+            ref = next(path for path, m in matches if m)[0][0].kv
+            for layer, (k, v) in zip(cache.layers, ref):
+                if isinstance(layer, _GrowingLayer):  # straight into a buffer with room for the tails
+                    layer.reserve(n, P, S, k, v)
+                else:
+                    layer.update(k.new_zeros(n, k.shape[1], P, k.shape[3]), v.new_zeros(n, v.shape[1], P, v.shape[3]))
+            past = [(layer.keys, layer.values) for layer in cache.layers]
+            for i, (path, m) in enumerate(matches):
+                if m:
+                    PrefixCache.copy_into(path, past, i, P)
+        return cache, mask.to(self.device)
 
     def _share_prefixes(self, prompts: list[list[int]]) -> None:
         """Compute and cache, once each, the uncached prefixes that several prompts share.
@@ -825,38 +988,50 @@ class EmbeddedEngine(Engine):
         """One forward over the uncached tails ``prompt[m:]`` of the rows, with their cached KV
         as ``past_key_values``. Row ``i`` of the cache/mask is ``[pad][cached m_i][pad][tail]``
         (cached part right-aligned to column ``P = max m``, tails right-aligned to the end);
-        padding has mask 0 and the positions are explicit."""
-        from transformers import DynamicCache
-
+        padding has mask 0 and the positions are explicit. The returned cache is compacted to
+        ``[pad][prompt]`` rows (see :meth:`_compact`)."""
         n = len(prompts)
         P = max(m for _, m in matches)
         S = max(len(p) - m for p, (_, m) in zip(prompts, matches))
+        cache, mask = self._past_from_tree(prompts, matches, S)
         ids = torch.zeros(n, S, dtype=torch.long)
-        mask = torch.zeros(n, P + S, dtype=torch.long)
         for i, (p, (_, m)) in enumerate(zip(prompts, matches)):
             ids[i, S - (len(p) - m):] = torch.tensor(p[m:])
-            mask[i, P - m:P] = 1
             mask[i, P + S - (len(p) - m):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids = ids.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
-        cache = DynamicCache(config=self._model.config)
-        if P:
-            ref = next(path for path, m in matches if m)[0][0].kv
-            past = [(k.new_zeros(n, k.shape[1], P, k.shape[3]), v.new_zeros(n, v.shape[1], P, v.shape[3]))
-                    for k, v in ref]
-            for i, (path, m) in enumerate(matches):
-                if m:
-                    PrefixCache.copy_into(path, past, i, P)
-            for layer, (k, v) in zip(cache.layers, past):
-                try:
-                    layer.lazy_initialization(k, v)
-                except TypeError:  # older transformers: lazy_initialization(key_states)
-                    layer.lazy_initialization(k)
-                layer.keys, layer.values = k, v
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, logits_to_keep=1)
         self._stats["prefill_tokens"] += sum(len(p) - m for p, (_, m) in zip(prompts, matches))
-        return out.logits[:, -1].float(), out.past_key_values, mask, pos
+        cache = out.past_key_values
+        W = max(len(p) for p in prompts)
+        if P + S != W or any(m and len(p) - m < S for p, (_, m) in zip(prompts, matches)):  # mid-row padding
+            mask = self._compact(cache, mask, W)
+        return out.logits[:, -1].float(), cache, mask, pos
+
+    @staticmethod
+    def _compact(cache, mask, width: int):
+        """Move every row's real columns together at the right end of ``width`` columns (the
+        engine's usual left-padded layout, the same as a prompt prefilled whole or read from the
+        tree), dropping mid-row padding; returns the new mask."""
+        n = mask.shape[0]
+        idx = torch.zeros(n, width, dtype=torch.long, device=mask.device)
+        new_mask = torch.zeros(n, width, dtype=mask.dtype, device=mask.device)
+        for i in range(n):
+            cols = mask[i].nonzero().squeeze(1)
+            idx[i, width - len(cols):] = cols
+            new_mask[i, width - len(cols):] = 1
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            gk = k.gather(2, idx[:, None, :, None].expand(n, k.shape[1], width, k.shape[3]))
+            gv = v.gather(2, idx[:, None, :, None].expand(n, v.shape[1], width, v.shape[3]))
+            if isinstance(layer, _GrowingLayer):
+                layer.reserve(n, width, 0, gk, gv, zero=False)
+                layer.keys.copy_(gk)
+                layer.values.copy_(gv)
+            else:
+                layer.keys, layer.values = gk, gv
+        return new_mask
 
     @staticmethod
     def _kv_getter(cache, mask, row: int):
@@ -883,15 +1058,8 @@ class EmbeddedEngine(Engine):
         if not self._running:
             self._cache, self._mask, self._last_pos, self._logits = cache, mask, last_pos, logits
             return
-        lr, ln = self._mask.shape[1], mask.shape[1]
-        L = max(lr, ln)
-        for a, b in zip(self._cache.layers, cache.layers):
-            for attr in ("keys", "values"):
-                ta, tb = getattr(a, attr), getattr(b, attr)
-                setattr(a, attr, torch.cat([F.pad(ta, (0, 0, L - lr, 0)), F.pad(tb, (0, 0, L - ln, 0))], 0))
-        self._mask = torch.cat([F.pad(self._mask, (L - lr, 0)), F.pad(mask, (L - ln, 0))], 0)
-        self._last_pos = torch.cat([self._last_pos, last_pos])
-        self._logits = torch.cat([self._logits, logits])
+        self._logits, self._cache, self._mask, self._last_pos = _cat_rows(
+            [(self._logits, self._cache, self._mask, self._last_pos), (logits, cache, mask, last_pos)])
 
     def _select(self, keep: list[int]):
         idx = torch.tensor(keep, device=self.device)
