@@ -283,13 +283,22 @@ def test_tree_keeps_end_logits_across_splits_and_drops_them_on_eviction():
     pc.insert([1, 2, 3, 4], lambda a, b: _kv([1, 2, 3, 4][a:b], a), logits=lg)
     path, m = pc.match([1, 2, 3, 4])
     assert PrefixCache.end_logits(path, m, 4) is lg
+    assert pc.logits_tokens == 1  # 20 bytes of logits, 96 bytes of KV per token: counts as 1 token
     assert PrefixCache.end_logits(*pc.match([1, 2, 3]), 3) is None  # ends inside the edge
     assert PrefixCache.end_logits(*pc.match([1, 2, 3, 4, 5]), 5) is None  # not all matched
     pc.insert([1, 2], lambda a, b: _kv([1, 2][a:b], a), logits=-lg)  # splits: logits stay where they belong
     assert torch.equal(PrefixCache.end_logits(*pc.match([1, 2]), 2), -lg)
     assert PrefixCache.end_logits(*pc.match([1, 2, 3, 4]), 4) is lg
+    assert pc.logits_tokens == 2
     pc.evict(0)
     assert PrefixCache.end_logits(*pc.match([1, 2]), 2) is None and pc.total_tokens == 0
+    assert pc.logits_tokens == 0
+    small = PrefixCache(max_tokens=5)  # 4 KV tokens + 1 for the logits fit, twice that does not
+    small.insert([1, 2, 3, 4], lambda a, b: _kv([1, 2, 3, 4][a:b], a), logits=lg)
+    assert small.total_tokens == 4 and small.evictions == 0
+    small.insert([7, 8, 9, 10], lambda a, b: _kv([7, 8, 9, 10][a:b], a), logits=lg)
+    assert small.total_tokens == 4 and small.logits_tokens == 1 and small.evictions == 1
+    assert small.match([7, 8, 9, 10])[1] == 4 and small.match([1, 2, 3, 4])[1] == 0
 
 
 def test_lock_survives_a_split_of_the_locked_edge():

@@ -218,7 +218,9 @@ class PrefixCache:
       after its last token: a later prompt equal to a cached one then needs no forward at all
       (:meth:`end_logits`), and repeats of a prompt give bitwise-identical results;
     * at most ``max_tokens`` tokens stay cached: after an insert, unlocked leaves are evicted
-      least recently used first. :meth:`lock` / :meth:`unlock` pin a matched path.
+      least recently used first. A kept logits vector counts as the tokens whose KV takes as
+      many bytes (``logits_tokens``; ~4 for SmolLM2 and Qwen3). :meth:`lock` / :meth:`unlock`
+      pin a matched path.
 
     Every KV in the tree was computed at the absolute positions of its tokens (prompts start at
     position 0), so a cached prefix is valid for any prompt that starts with it, under the
@@ -239,6 +241,7 @@ class PrefixCache:
         self.root = _Node()
         self.root.lock_ref = 1  # never evicted
         self.total_tokens = 0
+        self.logits_tokens = 0
         self.n_nodes = 0
 
     # -- lookup --------------------------------------------------------------------------
@@ -336,9 +339,16 @@ class PrefixCache:
             node = leaf
         if logits is not None and node is not self.root and node.logits is None:
             node.logits = logits
-        if added:
-            self.evict(self.max_tokens)
+            self.logits_tokens += self._logits_cost(node)
+        self.evict(self.max_tokens)
         return added
+
+    @staticmethod
+    def _logits_cost(node: _Node) -> int:
+        """A node's logits in tokens of KV of the same bytes (rounded up)."""
+        per_token = sum((k.numel() + v.numel()) * k.element_size() for k, v in node.kv) // max(1, len(node.key))
+        size = node.logits.numel() * node.logits.element_size()
+        return -(-size // max(1, per_token))
 
     def _split(self, child: _Node, c: int) -> _Node:
         """Cut ``child``'s edge after ``c`` tokens; returns the new upper node."""
@@ -355,8 +365,9 @@ class PrefixCache:
         return upper
 
     def evict(self, max_tokens: int) -> int:
-        """Drop unlocked leaves, least recently used first, until at most ``max_tokens`` stay."""
-        if self.total_tokens <= max_tokens:
+        """Drop unlocked leaves, least recently used first, until at most ``max_tokens`` stay
+        (KV tokens plus ``logits_tokens``)."""
+        if self.total_tokens + self.logits_tokens <= max_tokens:
             return 0
         import heapq
 
@@ -370,10 +381,12 @@ class PrefixCache:
                 heap.append((n.last_access, next(tie), n))
         heapq.heapify(heap)
         freed = 0
-        while self.total_tokens > max_tokens and heap:
+        while self.total_tokens + self.logits_tokens > max_tokens and heap:
             _, _, n = heapq.heappop(heap)
             parent = n.parent
             del parent.children[n.key[0]]
+            if n.logits is not None:
+                self.logits_tokens -= self._logits_cost(n)
             self.total_tokens -= len(n.key)
             self.n_nodes -= 1
             self.evicted_tokens += len(n.key)
