@@ -260,8 +260,10 @@ def test_distributed_optimizer_checkpoint_reshards(tiny_model_dir, tmp_path):
     """Adam with the distributed optimizer at DP=2: save after one step, then resume (a) at the
     same layout and (b) at TP=2 (DP=1).  The second step's weights must equal the uninterrupted
     run's: they depend on Adam's moments and step count, so a lost or mis-sharded optimizer state
-    shows up as an lr-sized difference.  Same layout: bitwise; TP=2: reduction order only
-    (atol 1e-6 on float32 weights)."""
+    shows up as an lr-sized difference (lr 1e-2).  Same layout: bitwise; TP=2: reduction order only
+    (atol 1e-5 on float32 weights: DP=2 packs each rank's 2 samples into one row, TP=2 all 4, so the
+    GEMM shapes differ, and Adam's m/sqrt(v) amplifies the rounding of near-zero gradients to ~3e-6;
+    a mis-sharded state would be ~1e-2)."""
     d, run = str(tiny_model_dir("llama")), str(tmp_path / "run")
     dist_opt = ["--use-distributed-optimizer"]
     a = run_ranks(_opt_ckpt_worker, 2, d, run, dist_opt, False)[0]
@@ -272,7 +274,7 @@ def test_distributed_optimizer_checkpoint_reshards(tiny_model_dir, tmp_path):
     assert tp2["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for k, w in a["weights"].items():
         assert torch.equal(same["weights"][k], w), k
-        torch.testing.assert_close(tp2["weights"][k], w, rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(tp2["weights"][k], w, rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
     # Resuming without the flag is refused up front, naming it.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "-m", "ophsd.train", "--model", d, "--load", run, "--skip-eval"],

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-samples-per-prompt", type=int, default=1)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
     g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--prefix-cache-tokens", type=int, default=32768,
+                   help="embedded engine: prompt tokens whose KV its radix prefix cache keeps (the shared "
+                        "instruction and each prompt are prefilled once per weight version: rollouts, then the "
+                        "harness's calls hit); 0 turns it off")
     g.add_argument("--max-prompt-length", type=int, default=None,
                    help="tokens (student prompt or teacher context); longer pairs are skipped and counted, and a "
                         "step where every pair is skipped stops the run. Default: derived from the task, the "
@@ -165,6 +169,7 @@ def validate(args: argparse.Namespace) -> None:
             continue  # derived from the task by the trainer
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     need(args.eval_limit >= 1, f"--eval-limit must be >= 1, got {args.eval_limit}")
+    need(args.prefix_cache_tokens >= 0, f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
     need(args.log_rollouts >= 0, f"--log-rollouts must be >= 0, got {args.log_rollouts}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(0 <= args.min_lr <= args.lr, f"--min-lr must be in [0, --lr], got {args.min_lr}")

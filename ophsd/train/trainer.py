@@ -269,7 +269,8 @@ class Trainer:
             dtype = self.dtype if device.type == "cuda" else torch.float32
             hf = AutoModelForCausalLM.from_config(load_config(self.source), dtype=dtype).eval()
             self.engine = EmbeddedEngine.from_pretrained_objects(hf, self.tokenizer, name="ophsd-student",
-                                                                 seed=a.seed, device=device, dtype=dtype)
+                                                                 seed=a.seed, device=device, dtype=dtype,
+                                                                 prefix_cache_tokens=a.prefix_cache_tokens)
         self._sync_weights(version=0)
 
     def _derived_max_prompt_length(self) -> int:
