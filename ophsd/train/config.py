@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "them standalone and in the harness: on 2 CPU cores ~10 min for SmolLM2 on BANKING77; "
                         "lower it for smoke runs (one of 100 examples moves accuracy 1 point)")
     g.add_argument("--skip-eval", action="store_true")
+    g.add_argument("--skip-eval-before", action="store_true",
+                   help="no evaluation of the untrained model at step 0 (when another run already measured it)")
     g.add_argument("--log-rollouts", type=int, default=4,
                    help="rollouts per step written to DIR/rollouts.jsonl with --save (prompt, response, rewards, "
                         "teacher context, lengths; 0: off). Evals always write their per-example predictions to "

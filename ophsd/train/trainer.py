@@ -764,7 +764,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- run
     def run(self) -> int:
         a = self.args
-        if self.step_num == 0:
+        if self.step_num == 0 and not a.skip_eval_before:
             self.evaluate("before")
         while self.step_num < a.train_iters:
             stop = torch.tensor(1.0 if self.stop_requested else 0.0, device=comm_device())
