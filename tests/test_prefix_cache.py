@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ophsd.rollout import SamplingParams
-from ophsd.rollout.embedded import EmbeddedEngine, PrefixCache
+from ophsd.rollout.embedded import EmbeddedEngine
+from ophsd.rollout.prefix_cache import PrefixCache
 
 ATOL = 1e-5
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, return_logprob=True)
