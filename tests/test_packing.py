@@ -80,7 +80,7 @@ def test_pack_layouts_and_budget():
     assert stats_tree["layout/student_positions"] < stats_pad["layout/student_positions"]
 
 
-def _pass_worker(rank, world, model_dir, tp, pp, kind):
+def _pass_worker(rank, world, model_dir, tp, pp, kind, forward_only=False):
     from ophsd.runtime.distributed import comm_device
     from ophsd.train import step
     from ophsd.train.config import parse_args
@@ -105,7 +105,7 @@ def _pass_worker(rank, world, model_dir, tp, pp, kind):
             return v
 
         tr.model.zero_grad_buffer()
-        res = step.student_pass(tr.model, mbs, per_token, [mb.weights for mb in mbs])
+        res = step.student_pass(tr.model, mbs, per_token, [mb.weights for mb in mbs], forward_only=forward_only)
         grads = {k: p.main_grad.detach().double().clone() for k, p in tr.module.named_parameters()}
         last = teacher[0] is not None
         out[packed] = dict(loss=res["loss"], grads=grads, n_mb=len(mbs),
@@ -113,7 +113,8 @@ def _pass_worker(rank, world, model_dir, tp, pp, kind):
                            teacher=torch.cat(teacher)[:n].double() if last else None)
     tr.close()
     a, b = out[False], out[True]
-    rel = {k: float((b["grads"][k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in a["grads"].items()}
+    rel = {k: float((b["grads"][k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in a["grads"].items()
+           if not forward_only}
     res = dict(loss=(a["loss"], b["loss"]), grad_rel=rel, n_mb=(a["n_mb"], b["n_mb"]),
                grad_norm=sum(float(g.norm()) for g in a["grads"].values()))
     if a["per_token"] is not None:
@@ -148,3 +149,49 @@ def test_packed_jsd_qwen3(tiny_model_dir):
     assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5)
     assert max(r["grad_rel"].values()) < 1e-5
     torch.testing.assert_close(r["per_token"][1], r["per_token"][0], rtol=1e-5, atol=1e-7)
+
+
+def test_flex_tree_attention_matches_dense():
+    """The block-sparse FlexAttention path (the CUDA default) computes the dense-mask attention,
+    forward and backward, with GQA, two rows and padding (eager flex on CPU)."""
+    import torch.nn.functional as F
+
+    from ophsd.models.megatron import tree_flex_attention
+    from ophsd.train.pairs import tree_attention_mask, tree_layout
+
+    torch.manual_seed(0)
+    L = 48
+    ends = []
+    for seqs in ([[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8], [9, 9, 9], [1, 2, 3, 4, 5, 6, 1, 1]], [[5] * 30, [5] * 20 + [6]]):
+        end = tree_layout(seqs)[2]
+        ends.append(end + [len(end) + i + 1 for i in range(L - len(end))])  # padding sees itself
+    end = torch.tensor(ends)
+    q = torch.randn(2, 4, L, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, L, 16, dtype=torch.float64)
+    v = torch.randn(2, 2, L, 16, dtype=torch.float64)
+    got = tree_flex_attention(q, k, v, end, scale=0.25)  # forward only: CPU flex has no backward
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=~tree_attention_mask(end), scale=0.25)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    wrong = end.clone()
+    wrong[0, 3] += 1  # one token visible one position too far: the comparison must notice
+    assert not torch.allclose(tree_flex_attention(q, k, v, wrong, scale=0.25), ref)
+
+
+def test_packed_pass_with_flex_attention(tiny_model_dir, monkeypatch):
+    """The packed teacher and student forward through the FlexAttention core attention (block-sparse,
+    megatron's schedule) equal the padded layout's. Forward only: FlexAttention has no CPU
+    backward; tests/test_divergence_gpu.py-style CUDA runs check the backward on a GPU."""
+    monkeypatch.setenv("OPHSD_TREE_ATTENTION", "flex")
+    (r,) = run_ranks(_pass_worker, 1, str(tiny_model_dir("llama")), 1, 1, "reverse_kl", True)
+    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5)
+    assert r["teacher_max_diff"] < 1e-4
+    torch.testing.assert_close(r["per_token"][1], r["per_token"][0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled FlexAttention, backward included")
+def test_packed_pass_with_flex_attention_cuda(tiny_model_dir):
+    (r,) = run_ranks(_pass_worker, 1, str(tiny_model_dir("llama")), 1, 1, "reverse_kl")
+    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-4)
+    assert max(r["grad_rel"].values()) < 1e-4

@@ -47,18 +47,27 @@ def _forward_step(loss_fn, data_iterator, model):
     pos = (explicit.to(dev, non_blocking=True) if explicit is not None
            else torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens))
     end = batch.get("subtree_end")
-    mask = tree_attention_mask(end.to(dev, non_blocking=True)) if end is not None else None
     index = batch.get("logit_index")
     if index is not None:
         index = tuple(t.to(dev, non_blocking=True) for t in index)
     inputs = getattr(unwrap(model), "ophsd_inputs", None)
     if inputs is None:
-        if explicit is not None or index is not None:
-            raise RuntimeError("position_ids/logit_index need a model from ophsd.models.megatron.build_model")
+        if explicit is not None or index is not None or end is not None:
+            raise RuntimeError("position_ids/logit_index/subtree_end need a model from "
+                               "ophsd.models.megatron.build_model")
+        return model(tokens, pos, attention_mask=None), partial(loss_fn, batch)
+    mask = flex_end = None
+    if end is not None:
+        end = end.to(dev, non_blocking=True)
+        if inputs.tree_backend == "flex":
+            flex_end = end  # block-sparse, built by the core attention
+        elif inputs.tree_backend == "dense":
+            mask = tree_attention_mask(end)
+        else:
+            raise RuntimeError("this model's core attention cannot take a prefix-tree mask "
+                               "(transformer-engine); pack with --no-pack-sequences")
+    with inputs.use(position_ids=pos if explicit is not None else None, logit_index=index, subtree_end=flex_end):
         output = model(tokens, pos, attention_mask=mask)
-    else:
-        with inputs.use(position_ids=pos if explicit is not None else None, logit_index=index):
-            output = model(tokens, pos, attention_mask=mask)
     return output, partial(loss_fn, batch)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +186,11 @@ def sdpa_attention_class():
                 raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
             # [s, b, heads, d] -> [b, heads, s, d]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            inputs = getattr(self, "ophsd_inputs", None)
+            if inputs is not None and inputs.subtree_end is not None:
+                out = tree_flex_attention(q, k, v, inputs.subtree_end, self.softmax_scale, inputs)
+                b, h, s, d = out.shape
+                return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
             rep = q.shape[1] // k.shape[1]
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)
@@ -271,21 +277,92 @@ class ForwardInputs:
       positions on every branch.
     * ``logit_index`` (rows, pos): only these hidden states reach the output layer, so the
       logits are ``[1, n, V/TP]`` for the n positions the loss reads instead of ``[b, s, V/TP]``.
+    * ``subtree_end`` [b, s]: a prefix-tree mask handed to the core attention directly (the
+      ``flex`` backend; the ``dense`` one gets megatron's ``attention_mask`` instead).
 
-    Both None (the default) leaves megatron-core's behaviour unchanged.
+    All None (the default) leaves megatron-core's behaviour unchanged. ``tree_backend`` says how
+    this model's core attention takes a prefix-tree mask (:func:`tree_attention_backend`).
     """
 
-    def __init__(self):
+    def __init__(self, tree_backend: str | None = None):
+        self.tree_backend = tree_backend
         self.position_ids: torch.Tensor | None = None
         self.logit_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.subtree_end: torch.Tensor | None = None
+        self.block_mask = None  # built once per forward by the first layer, shared by the others
 
     @contextlib.contextmanager
-    def use(self, position_ids=None, logit_index=None):
-        self.position_ids, self.logit_index = position_ids, logit_index
+    def use(self, position_ids=None, logit_index=None, subtree_end=None):
+        self.position_ids, self.logit_index, self.subtree_end = position_ids, logit_index, subtree_end
         try:
             yield
         finally:
-            self.position_ids = self.logit_index = None
+            self.position_ids = self.logit_index = self.subtree_end = self.block_mask = None
+
+
+TREE_ATTENTION_ENV = "OPHSD_TREE_ATTENTION"
+
+
+def tree_attention_backend(model) -> str | None:
+    """How the core attention takes a prefix-tree mask: ``flex`` (FlexAttention with a block-sparse
+    ``BlockMask`` built from ``subtree_end``: no s x s mask; the default on CUDA), ``dense`` (an
+    s x s boolean mask through SDPA; the default on CPU), or None when it cannot (transformer-
+    engine's fused kernels take cu_seqlens-style packing, which cannot express a shared prefix).
+    ``OPHSD_TREE_ATTENTION=dense|flex`` overrides the choice."""
+    m = model
+    while hasattr(m, "module"):
+        m = m.module
+    layers = getattr(getattr(m, "decoder", None), "layers", None)
+    if layers and not isinstance(layers[0].self_attention.core_attention, sdpa_attention_class()):
+        return None
+    choice = os.environ.get(TREE_ATTENTION_ENV, "auto")
+    if choice not in ("auto", "dense", "flex"):
+        raise ValueError(f"{TREE_ATTENTION_ENV}={choice!r}: use auto, dense or flex")
+    if choice != "auto":
+        return choice
+    return "flex" if torch.cuda.is_available() and _flex_available() else "dense"
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def tree_flex_attention(q, k, v, subtree_end: torch.Tensor, scale: float, inputs: ForwardInputs | None = None):
+    """Attention under the prefix-tree mask (token j visible to token i iff j <= i < end[j]).
+
+    q ``[b, hq, s, d]``, k/v ``[b, hkv, s, d]`` (GQA). Compiled on CUDA; eager on CPU (the
+    unfused reference, for tests)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    bm = inputs.block_mask if inputs is not None else None
+    if bm is None:
+        end = subtree_end.to(q.device)
+        L = end.shape[-1]
+
+        def visible(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx < end[b, kv_idx])
+
+        bm = create_block_mask(visible, B=end.shape[0], H=None, Q_LEN=L, KV_LEN=L, device=q.device)
+        if inputs is not None:
+            inputs.block_mask = bm
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _rope_at(rope, position_ids: torch.Tensor) -> torch.Tensor:
@@ -303,7 +380,9 @@ def _rope_at(rope, position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _install_forward_inputs(model) -> ForwardInputs:
-    inputs = ForwardInputs()
+    inputs = ForwardInputs(tree_backend=tree_attention_backend(model))
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
+        layer.self_attention.core_attention.ophsd_inputs = inputs  # the flex backend reads subtree_end
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         default_forward = rope.forward
@@ -330,12 +409,5 @@ def _install_forward_inputs(model) -> ForwardInputs:
 
 
 def supports_tree_attention(model) -> bool:
-    """The core attention takes an arbitrary mask (the SDPA one does; TE's fused kernels need
-    cu_seqlens-style packing, which cannot express a shared prefix)."""
-    m = model
-    while hasattr(m, "module"):
-        m = m.module
-    layers = getattr(getattr(m, "decoder", None), "layers", None)
-    if not layers:
-        return True
-    return isinstance(layers[0].self_attention.core_attention, sdpa_attention_class())
+    """The core attention takes a prefix-tree mask (see :func:`tree_attention_backend`)."""
+    return tree_attention_backend(model) is not None

@@ -428,14 +428,16 @@ class Trainer:
         """Prefix-tree packing when asked for and the core attention takes a tree mask."""
         if not self.args.pack_sequences:
             return False
-        if not hasattr(self, "_tree_ok"):
-            from ophsd.models.megatron import supports_tree_attention
+        if not hasattr(self, "_tree_backend"):
+            from ophsd.models.megatron import tree_attention_backend
 
-            self._tree_ok = supports_tree_attention(self.module)
-            if not self._tree_ok:
+            self._tree_backend = tree_attention_backend(self.module)
+            if self._tree_backend is None:
                 _log("--pack-sequences: the transformer-engine core attention cannot take a prefix-tree mask; "
                      "training on right-padded rows (use the local spec for packing)")
-        return self._tree_ok
+            else:
+                _log(f"packing micro-batches as prefix trees ({self._tree_backend} tree attention)")
+        return self._tree_backend is not None
 
     def _train_on(self, samples: list[Sample], forward_only: bool = False) -> dict:
         """Teacher forward, student forward/backward and the optimizer step on this rank's share.
