@@ -515,8 +515,10 @@ def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
     for r in rows:
         assert set(r) == {"step", "example_id", "student_prompt", "response", "student_reward", "harness_reward",
                           "harness_mode", "teacher_context", "response_tokens", "student_prompt_tokens",
-                          "teacher_prompt_tokens", "kept"}
+                          "teacher_prompt_tokens", "kept", "per_token_loss"}
         assert 1 <= r["response_tokens"] <= 12 and r["kept"] is True
+        # the student pass's per-token reverse KL of this response: one value per token, >= 0
+        assert len(r["per_token_loss"]) == r["response_tokens"] and min(r["per_token_loss"]) >= 0
         assert r["student_reward"] in (0.0, 1.0) and r["harness_reward"] in (0.0, 1.0)
         assert r["harness_mode"] in ("plan_solve", "solve_only")
         for key in ("student_prompt", "teacher_context"):
@@ -530,6 +532,9 @@ def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
         assert "Put the final answer in \\boxed{}" in r["student_prompt"]
         assert "the reference answer is" in r["teacher_context"]  # plan-solve's training hint
         assert r["teacher_prompt_tokens"] > r["student_prompt_tokens"]
+    weighted = sum(sum(r["per_token_loss"]) for r in rows) / sum(r["response_tokens"] for r in rows)
+    step_loss = next(r["loss"] for r in m if "loss" in r)
+    assert 0 < weighted < 10 * step_loss  # the same scale as the step's mean loss
     arith = get_task("arith")
     for step, tag in ((0, "before"), (1, "after")):
         preds = [json.loads(x) for x in (run / "eval_predictions" / f"step_{step:07d}.jsonl").read_text().splitlines()]
@@ -539,3 +544,23 @@ def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
             assert p["step"] == step and p["tag"] == tag and p["text"] == arith.example(int(p["id"][-1]), "dev").question
             assert p["standalone_correct"] == (p["standalone_answer"] == p["gold"])
             assert p["harness_correct"] == (p["harness_answer"] == p["gold"]) and p["mode"] in ("plan_solve", "solve_only")
+
+
+def _one_logged_step_worker(rank, world, model_dir, run_dir, extra):
+    from ophsd.train.trainer import Trainer
+
+    tr = Trainer(_args(model_dir, "--save", run_dir, "--log-rollouts", "2", *extra))
+    m = tr.train_step()
+    tr.close()
+    return m["loss"]
+
+
+def test_per_token_losses_reach_the_rollout_log_at_pp2(tiny_model_dir, tmp_path):
+    """At PP=2 the per-token losses live on the last stage (rank 1); rank 0 writes them."""
+    d = str(tiny_model_dir("llama"))
+    loss = run_ranks(_one_logged_step_worker, 2, d, str(tmp_path / "run"), ["--pipeline-model-parallel-size", "2"])[0]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert len(r["per_token_loss"]) == r["response_tokens"] and min(r["per_token_loss"]) >= 0
+    assert 0 < sum(sum(r["per_token_loss"]) for r in rows) / sum(r["response_tokens"] for r in rows) < 10 * loss

@@ -94,7 +94,8 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
     The objective is the token-weighted mean of ``per_token`` over every micro-batch of every DP
     rank; megatron divides each micro-batch loss by the micro-batch count and DDP averages over
     DP, so each micro-batch's weighted sum is scaled by ``dp * n_mb / total_weight`` to undo both.
-    Returns ``loss`` (that mean, the same on every rank), ``tokens`` and ``tokens_weighted``.
+    Returns ``loss`` (that mean, the same on every rank), ``tokens``, ``tokens_weighted`` and
+    ``per_token`` (the unweighted per-token values in micro-batch order, CPU; last stage only).
     """
     from megatron.core import parallel_state as ps
 
@@ -106,11 +107,15 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
     dist.all_reduce(total_w, group=ps.get_data_parallel_group())  # same on every TP/PP rank
     scale = dp * len(mbs) / max(float(total_w), 1e-12)
 
+    values: list[torch.Tensor | None] = [None] * len(mbs)
+
     def loss_fn(batch, output, non_loss_data=False):
         mb, i = batch["mb"], batch["i"]
         rows = _response_rows(output, mb.student, full_logits)
         w = token_weights[i].to(rows.device)
-        wsum = (w * per_token(rows, mb, i, w)).sum()
+        loss = per_token(rows, mb, i, w)
+        values[i] = loss.detach().float().cpu()
+        wsum = (w * loss).sum()
         return wsum * scale, {"wsum": wsum.detach(), "w": w.sum().detach(),
                               "n": torch.tensor(float(w.numel()), device=w.device)}
 
@@ -123,7 +128,9 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
             stats += torch.stack([o["wsum"].float(), o["w"].float(), o["n"].float()]).to(dev)
     dist.all_reduce(stats)
     wsum, wtot, n = stats.tolist()
-    return {"loss": wsum / max(wtot, 1e-12), "tokens": int(n), "tokens_weighted": wtot}
+    last = ps.is_pipeline_last_stage()
+    return {"loss": wsum / max(wtot, 1e-12), "tokens": int(n), "tokens_weighted": wtot,
+            "per_token": torch.cat(values) if last and values else None}
 
 
 def grads_finite(module) -> bool:

@@ -424,6 +424,27 @@ class Trainer:
         z, s = zs
         return torch.log(z) - s / z
 
+    def _attach_per_token(self, mine: list[Sample], values: torch.Tensor | None) -> None:
+        """Rank 0 gets the per-token loss of DP rank 0's samples (``meta["per_token_loss"]``, for
+        rollouts.jsonl) from the last pipeline stage of its pipeline."""
+        ps = self.ps
+        if not self.args.log_rollouts or not self.run_dir:
+            return
+        if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+            return
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            box = [values]
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+            values = box[0]
+        if not _rank0() or values is None:
+            return
+        start = 0
+        for s in mine:
+            n = len(s.response)
+            s.meta["per_token_loss"] = [round(float(x), 5) for x in values[start: start + n]]
+            start += n
+
     def _packed(self) -> bool:
         """Prefix-tree packing when asked for and the core attention takes a tree mask."""
         if not self.args.pack_sequences:
@@ -473,6 +494,8 @@ class Trainer:
         t0 = time.perf_counter()
         res = step.student_pass(self.model, mbs, per_token, token_w, forward_only=forward_only)
         t_student = time.perf_counter() - t0
+        if not forward_only:
+            self._attach_per_token(mine, res["per_token"])
         loss = res["loss"]
         if forward_only:
             return {"loss": loss}
@@ -509,13 +532,14 @@ class Trainer:
             if samples is not None:
                 kept, skipped = filter_pairs(samples, a.max_prompt_length, a.max_response_length + 1)
                 stats.update(skipped, pairs_kept=len(kept), pairs_total=len(samples))
-                self._log_rollouts(samples, kept)
+                self._step_samples = (samples, kept)  # logged after the update (with per-token losses)
                 payload = (kept, stats) if kept or not samples else self._all_skipped_message(samples)
         payload = _broadcast(payload)
         if payload is None:
             self.save_checkpoint(reason="rollout failure")
             raise TrainingError("rollouts failed for a whole batch three times in a row; checkpoint saved")
         if isinstance(payload, str):  # every pair skipped: nothing to learn from, and the next step would be the same
+            self._flush_step_samples()
             if self.step_num > 0:
                 self.save_checkpoint(reason="every pair skipped")
             raise TrainingError(payload)
@@ -523,6 +547,7 @@ class Trainer:
         for k in ("skipped/empty_response", "skipped/too_long", "dropped/rollout_failed"):
             self.counters[k] += stats.get(k, 0)
         result = self._train_on(kept)
+        self._flush_step_samples()
         self.step_num += 1
         self.data_position += a.rollout_batch_size
         result["time/sync"] = self._sync_weights(version=self.step_num)
@@ -554,6 +579,11 @@ class Trainer:
                        "model and its chat template)")
         return f"step {self.step_num + 1}: all {len(samples)} pairs skipped: " + "; ".join(why)
 
+    def _flush_step_samples(self) -> None:
+        if _rank0() and getattr(self, "_step_samples", None):
+            self._log_rollouts(*self._step_samples)
+        self._step_samples = None
+
     def _log_rollouts(self, samples: list[Sample], kept: list[Sample]) -> None:
         """Rank 0: up to --log-rollouts of this step's samples (spread over its prompts) to rollouts.jsonl."""
         n = self.args.log_rollouts
@@ -568,7 +598,8 @@ class Trainer:
                    "student_reward": s.meta.get("student_reward"), "harness_reward": s.meta.get("harness_reward"),
                    "harness_mode": s.meta.get("mode"), "teacher_context": _tail(decode(s.teacher_prompt)),
                    "response_tokens": len(s.response), "student_prompt_tokens": len(s.student_prompt),
-                   "teacher_prompt_tokens": len(s.teacher_prompt), "kept": id(s) in kept_ids}
+                   "teacher_prompt_tokens": len(s.teacher_prompt), "kept": id(s) in kept_ids,
+                   "per_token_loss": s.meta.get("per_token_loss")}
             self._rollouts_file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._rollouts_file.flush()
 
