@@ -10,6 +10,11 @@ loop-carried types agree, no register spills, 16-byte global accesses) and gives
 numbers that explain a profile (registers -> CTAs per SM, MUFU and barrier counts), all at no
 GPU time. It is not a timing: speed is measured by ``ophsd_kernels.benchmark`` on a GPU.
 
+``--check`` also reads each kernel's PTX: every ``lg2.approx`` (JSD's log of the mixture
+``m``) must take a value clamped by ``max`` with the smallest normal fp32 (``0f00800000``),
+because the compiled exp2/lg2 are flush-to-zero and an unclamped subnormal ``m`` gives
+``log m = -inf`` and an inf/NaN loss (issue 13). ``--dump-ptx DIR`` writes the PTX.
+
 Must run with ``TRITON_INTERPRET`` unset (the kernels must be ``JITFunction``s).
 """
 from __future__ import annotations
@@ -54,6 +59,37 @@ def _signature(name, dtype):
     return sig, div
 
 
+SMALLEST_NORMAL_PTX = "0f00800000"  # 2^-126 = 1.1754944e-38 as a PTX float immediate
+_PTX_INS = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][A-Za-z0-9_.]*)\s+([^;]*);", re.M)
+
+
+def log_clamp_report(ptx: str):
+    """``(n_log, n_clamped, unclamped)`` for the ``lg2.approx`` instructions of a PTX listing:
+    how many there are, how many take a register defined by ``max[.NaN|.ftz].f32`` of some
+    value and the smallest normal fp32 (an immediate, or a register moved from one), and the
+    source lines of the others."""
+    defs, consts = {}, set()
+    logs = []
+    for m in _PTX_INS.finditer(ptx):
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        if not args or not args[0].startswith("%"):
+            continue
+        defs[args[0]] = (op, args[1:])
+        if op.startswith("mov.") and args[1:] == [SMALLEST_NORMAL_PTX]:
+            consts.add(args[0])
+        if op.startswith("lg2.approx"):
+            logs.append((m.group(0).strip(), args[1] if len(args) > 1 else ""))
+    clamped, bad = 0, []
+    for line, src_reg in logs:
+        op, ops = defs.get(src_reg, ("", []))
+        if (op.startswith("max.") and op.endswith(".f32")
+                and any(o == SMALLEST_NORMAL_PTX or o in consts for o in ops)):
+            clamped += 1
+        else:
+            bad.append(line)
+    return len(logs), clamped, bad
+
+
 def loop_body(sass: str):
     """Instructions of the longest loop (a backward branch to a label) in nvdisasm output."""
     ins, labels, best = [], {}, []
@@ -72,8 +108,9 @@ def loop_body(sass: str):
     return best
 
 
-def compile_one(name, kind, dtype, cfg):
-    """Compile one kernel variant; return a dict of static facts."""
+def compile_kernel(name, kind, dtype, cfg):
+    """Compile one kernel variant for sm_90; the compiled kernel, whose ``asm`` dict holds each
+    stage's text (``ttir``, ``ttgir``, ``llir``, ``ptx``) and the ``cubin``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -97,8 +134,13 @@ def compile_one(name, kind, dtype, cfg):
         sig[k] = "constexpr"
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
-                       options={"num_warps": cfg["num_warps"]})
+    return triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                          options={"num_warps": cfg["num_warps"]})
+
+
+def compile_one(name, kind, dtype, cfg):
+    """Compile one kernel variant; return a dict of static facts."""
+    k = compile_kernel(name, kind, dtype, cfg)
     cuobjdump, nvdisasm = _tools()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -108,6 +150,7 @@ def compile_one(name, kind, dtype, cfg):
                              text=True, check=True).stdout
         sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True,
                               check=True).stdout
+    n_log, n_clamped, _ = log_clamp_report(k.asm["ptx"])
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     ops = collections.Counter(
         re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z0-9_.]+)", sass, re.M))
@@ -135,7 +178,8 @@ def compile_one(name, kind, dtype, cfg):
                 shfl=sum(n for op, n in ops.items() if op.startswith("SHFL")),
                 instrs=sum(ops.values()), loop=len(loop),
                 loop_per_elem=(len(loop) / per_thread) if loop else 0.0,
-                loop_bar=sum(1 for t in loop if "BAR" in t))
+                loop_bar=sum(1 for t in loop if "BAR" in t),
+                lg2=n_log, lg2_unclamped=n_log - n_clamped, ptx=k.asm["ptx"])
 
 
 def variants(configs=None):
@@ -157,9 +201,15 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--extra", action="store_true",
                     help="also compile alternative stats variants (FUSED, blocks, warps)")
+    ap.add_argument("--kernels", default="stats,grad,jsd",
+                    help="compile only these kernels (comma-separated)")
+    ap.add_argument("--kinds", default="reverse_kl,forward_kl,jsd",
+                    help="compile only these kinds (comma-separated)")
+    ap.add_argument("--dump-ptx", metavar="DIR", help="write each variant's PTX into DIR")
     args = ap.parse_args(argv)
     rows, problems = [], []
-    todo = [v for v in variants() if v[2] in args.dtypes.split(",")]
+    todo = [v for v in variants() if v[2] in args.dtypes.split(",")
+            and v[0] in args.kernels.split(",") and v[1] in args.kinds.split(",")]
     if args.extra:
         for block in (2048, 4096, 8192):
             for warps in (4, 8, 16):
@@ -168,7 +218,7 @@ def main(argv=None):
                                                                  "num_stages": 2, "FUSED": fused}))
     cols = ["kernel", "kind", "dtype", "block", "warps", "stages", "fused", "regs", "stack",
             "local", "smem", "ctas_per_sm", "occupancy", "ld128", "ld_narrow", "st128", "mufu",
-            "bar", "shfl", "instrs", "loop", "loop_per_elem", "loop_bar"]
+            "bar", "shfl", "instrs", "loop", "loop_per_elem", "loop_bar", "lg2", "lg2_unclamped"]
     print(" ".join(f"{c:>10}" for c in cols))
     n_default = len(todo) - (18 if args.extra else 0)
     for i, (name, kind, dtype, cfg) in enumerate(todo):
@@ -181,6 +231,11 @@ def main(argv=None):
             print(problems[-1])
             continue
         rows.append(r)
+        if args.dump_ptx:
+            os.makedirs(args.dump_ptx, exist_ok=True)
+            with open(os.path.join(args.dump_ptx, f"{name}_{kind}_{dtype}_b{cfg['BLOCK']}"
+                                   f"_w{cfg['num_warps']}.ptx"), "w") as f:
+                f.write(r["ptx"])
         print(" ".join(f"{r[c]:>10.2f}" if isinstance(r[c], float) else f"{r[c]!s:>10}"
                        for c in cols), flush=True)
         if i >= n_default:
@@ -191,6 +246,13 @@ def main(argv=None):
             problems.append(f"{name}/{kind}/{dtype}: no 16-byte global loads")
         if name == "grad" and r["st128"] == 0:
             problems.append(f"{name}/{kind}/{dtype}: no 16-byte gradient stores")
+        if r["lg2_unclamped"]:
+            problems.append(f"{name}/{kind}/{dtype}: {r['lg2_unclamped']} of {r['lg2']} lg2.approx "
+                            f"take a value not clamped to the smallest normal (FTZ: log of a "
+                            f"subnormal mixture is -inf)")
+        if kind == "jsd" and name != "stats" and r["lg2"] == 0:
+            problems.append(f"{name}/{kind}/{dtype}: no lg2.approx found (the clamp check "
+                            f"would be vacuous: did the log change?)")
     for p in problems:
         print("PROBLEM:", p)
     if args.check and problems:

@@ -25,7 +25,12 @@ The three primitives (identical signatures in every backend):
 
 ``jsd_partial(student, teacher, lse_s, lse_t, beta, inv_temp, col_start, vocab_size) -> [N, 2] f32``
     local ``(b_s, b_t)``: ``b_s = sum p_s (log p_s - log m)``, ``b_t = sum p_t (log p_t - log m)``
-    with ``log m = logaddexp(log(beta) + log p_t, log(1 - beta) + log p_s)``.
+    with ``log m = logaddexp(log(beta) + log p_t, log(1 - beta) + log p_s)``. The compiled
+    backends form ``m = beta p_t + (1 - beta) p_s`` in fp32 and take ``log(max(m, 2^-126))``
+    (C++ ``flog``, Triton ``_mixture``): the same value wherever m is a normal fp32 number;
+    below that (log-probabilities under ln 2^-126 = -87.34 in both models) the terms
+    ``p (log p - log m)`` are < 1e-36 either way, and the clamp keeps a flush-to-zero log of a
+    subnormal m (-inf on sm_90) out of them (issue 13).
 
 ``grad(student, teacher, lse_s, lse_t, coef, extra, kind, beta, inv_temp, col_start, vocab_size) -> [N, V_local]``
     in the student's dtype: ``coef_i * f_ij`` with ``f = p_s (log p_s - log p_t - extra)``

@@ -227,17 +227,26 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _mixture(p_s, p_t, beta):
+    # m = beta p_t + (1 - beta) p_s, clamped to the smallest normal fp32 (2^-126) before its
+    # log, as the C++ backend's flog does. Compiled for sm_90, exp2/lg2 are flush-to-zero
+    # (ex2.approx.ftz, lg2.approx.ftz) but this sum is plain mul/fma: with one log-probability
+    # just above ln(2^-126) = -87.34 and the other below it, m is a nonzero subnormal, its
+    # lg2.ftz is -inf and p * (l - log m) becomes inf or NaN (issue 13). Clamped, log m is
+    # >= -126 (base 2), and a term whose p is that small contributes at most ~1e-36.
+    # propagate_nan=ALL keeps a NaN m NaN (max.NaN.f32), so NaN inputs still surface.
+    return tl.maximum(beta * p_t + (1.0 - beta) * p_s, 1.1754943508222875e-38,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _jsd_terms(s, t, lse_s2, lse_t2, beta, FAST_LOG: tl.constexpr):
     ls = s - lse_s2
     lt = t - lse_t2
     p_s = tl.exp2(ls)
     p_t = tl.exp2(lt)
-    m = beta * p_t + (1.0 - beta) * p_s
-    lm = _log2(m, FAST_LOG)
-    pos = m > 0.0
-    bs = tl.where(pos, p_s * (ls - lm), 0.0)
-    bt = tl.where(pos, p_t * (lt - lm), 0.0)
-    return bs, bt
+    lm = _log2(_mixture(p_s, p_t, beta), FAST_LOG)
+    return p_s * (ls - lm), p_t * (lt - lm)
 
 
 @triton.jit
@@ -280,10 +289,8 @@ def _grad_terms(s, t, lse_s2, lse_t2, coef, extra, beta, KIND: tl.constexpr,
     elif KIND == 1:
         f = p_s - tl.exp2(lt)
     else:
-        m = beta * tl.exp2(lt) + (1.0 - beta) * p_s
-        f = tl.where(m > 0.0,
-                     (1.0 - beta) * p_s * ((ls - _log2(m, FAST_LOG)) * 0.6931471805599453 - extra),
-                     0.0)
+        lm = _log2(_mixture(p_s, tl.exp2(lt), beta), FAST_LOG)
+        f = (1.0 - beta) * p_s * ((ls - lm) * 0.6931471805599453 - extra)
     return coef * f
 
 

@@ -299,6 +299,163 @@ def test_triton_grad_writes_every_element():
 
 
 # --------------------------------------------------------------------------------------
+# JSD with log-probabilities at the fp32 normal limit (issue 13)
+#
+# ln(2^-126) = -87.34: a column whose log-probability is just above it in one model and below
+# it in the other gives a mixture m = beta p_t + (1 - beta) p_s that is a nonzero subnormal.
+# Compiled for sm_90 the kernels' exp2/lg2 are flush-to-zero, so without a clamp log m = -inf
+# and the loss is inf/NaN. Every backend must clamp (C++: flog; Triton: _mixture) or work in
+# log space (torch: logaddexp) and match float64.
+
+ISSUE13_ROW = ([0.0, -90.0, -1.0], [0.0, -87.0, -5.0])  # (student, teacher) logits
+ISSUE13_JSD = 0.0897897  # float64, beta = 0.5 (issue 13)
+LOG_FLT_MIN = math.log(2.0 ** -126)  # -87.3365
+
+
+def near_limit_inputs(n_random, v, seed, dtype=torch.float32, device=DEV):
+    """The issue's row, then rows whose tail columns have log-probabilities straddling
+    ln(FLT_MIN): one model 0.02..1.22 above it, the other as far below (random side per
+    column),
+    plus two columns far below in both models (p = 0 in fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.full((n_random + 1, v), -200.0)
+    t = torch.full((n_random + 1, v), -200.0)
+    s[0, :3] = torch.tensor(ISSUE13_ROW[0])
+    t[0, :3] = torch.tensor(ISSUE13_ROW[1])
+    for r in range(1, n_random + 1):
+        head = 6
+        hs = torch.randn(head, generator=gen) * 2
+        ht = 0.5 * hs + torch.randn(head, generator=gen) * 2
+        s[r, :head], t[r, :head] = hs, ht
+        u = 0.02 + torch.rand(v - head, generator=gen) * 1.2
+        side = torch.where(torch.rand(v - head, generator=gen) < 0.5, 1.0, -1.0)
+        # tail logits sit at lse(head) + ln FLT_MIN +- u: the tail adds ~1e-36 to the sums, so
+        # these are the columns' log-probabilities to ~1e-36.
+        s[r, head:] = torch.logsumexp(hs, 0) + LOG_FLT_MIN + side * u
+        t[r, head:] = torch.logsumexp(ht, 0) + LOG_FLT_MIN - side * u
+        s[r, -2:] = -400.0  # both far below: p_s = p_t = 0, m = 0 before the clamp
+        t[r, -2:] = -380.0
+    return s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def test_near_limit_inputs_straddle_the_normal_limit():
+    s, t = near_limit_inputs(3, 40, seed=1)
+    ls = torch.log_softmax(s.double().cpu(), 1)
+    lt = torch.log_softmax(t.double().cpu(), 1)
+    straddle = ((ls > LOG_FLT_MIN) & (lt < LOG_FLT_MIN)) | ((ls < LOG_FLT_MIN) & (lt > LOG_FLT_MIN))
+    assert straddle[1:].sum(1).min() >= 10
+    # ... and, once the probability below the limit is flushed to zero (ex2.approx.ftz), the
+    # mixture is a nonzero fp32 subnormal (the failing case) in many columns, for beta = 0.5
+    def ftz(lp):
+        p = lp.exp().float()
+        return torch.where(p < 2.0 ** -126, torch.zeros_like(p), p)
+
+    m = 0.5 * ftz(lt) + 0.5 * ftz(ls)
+    assert ((m > 0) & (m < 2.0 ** -126))[1:].sum(1).min() >= 5
+    assert 0 < float(m[0, 1]) < 2.0 ** -126  # the issue's row
+    assert abs(float(ls[0, 1]) - (-90.3133)) < 1e-3 and abs(float(lt[0, 1]) - (-87.0067)) < 1e-3
+
+
+def _check_near_limit(backend, dtype, beta, seed):
+    s, t = near_limit_inputs(6, 70, seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 3)
+    g_out = torch.randn(s.shape[0], generator=gen)
+    kw = dict(kind="jsd", beta=beta, reduction="none")
+    loss, g = run_backend(backend, s, t, grad_out=g_out, **kw)
+    ref_loss, ref_g, scale = oracle(s, t, grad_out=g_out, **kw)
+    what = f"[{backend} jsd near ln FLT_MIN {dtype} beta={beta}]"
+    assert torch.isfinite(loss).all(), f"non-finite loss {what}: {loss}"
+    assert torch.isfinite(g).all(), f"non-finite gradient {what}"
+    assert_loss_close(loss, ref_loss, what)
+    assert_grad_close(g, ref_g, dtype, scale, what)
+    if beta == 0.5:
+        assert abs(float(loss[0]) - ISSUE13_JSD) < 1e-6, f"issue 13 row {what}: {float(loss[0])}"
+    return loss, g
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ("triton",))
+def test_jsd_log_probs_near_fp32_normal_limit(backend):
+    """Loss and gradient finite and equal to float64 (tolerances of the module docstring) on
+    log-probabilities around -88, for every backend on this machine (on a GPU the Triton row
+    runs compiled, with flush-to-zero exp2/lg2: the real reproduction of issue 13)."""
+    backend_or_skip(backend)
+    fast = backend != "triton" or DEV == "cuda"
+    cases = [(torch.float32, b) for b in ((0.1, 0.5, 0.9) if fast else (0.5,))]
+    if fast:
+        cases += [(torch.bfloat16, 0.5), (torch.float16, 0.3)]
+    for i, (dtype, beta) in enumerate(cases):
+        _check_near_limit(backend, dtype, beta, seed=seed_of("near-limit", backend, i))
+
+
+def _ftz_interpreter(monkeypatch):
+    """Make the Triton interpreter's exp2 and log2 flush-to-zero like the compiled sm_90
+    kernels (ex2.approx.ftz: subnormal results are 0; lg2.approx.ftz: subnormal inputs are 0,
+    so their log is -inf). Plain mul/fma stay IEEE, as they are in the PTX (mul.f32, fma.rn.f32)."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    tiny = np.float32(2.0 ** -126)
+    b = interp.interpreter_builder
+    calls = {"exp2": 0, "log2": 0}
+
+    def flush(x):
+        return np.where(np.abs(x) < tiny, np.zeros_like(x), x)
+
+    def exp2(arg):
+        calls["exp2"] += 1
+        with np.errstate(under="ignore"):
+            return interp.TensorHandle(flush(np.exp2(arg.data)), arg.dtype.scalar)
+
+    def log2(arg):
+        calls["log2"] += 1
+        with np.errstate(divide="ignore"):
+            return interp.TensorHandle(np.log2(flush(arg.data)), arg.dtype.scalar)
+
+    monkeypatch.setattr(b, "create_exp2", exp2, raising=False)
+    monkeypatch.setattr(b, "create_log2", log2, raising=False)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_triton_jsd_clamp_under_emulated_flush_to_zero(monkeypatch):
+    """The interpreter, with exp2/log2 made flush-to-zero like the compiled kernels, reproduces
+    issue 13 when the mixture is not clamped (inf/NaN loss) and matches float64 with the clamp."""
+    backend_or_skip("triton")
+    if DEV != "cpu":
+        pytest.skip("emulates the GPU's flush-to-zero in the interpreter; on a GPU the compiled "
+                    "kernel runs in test_jsd_log_probs_near_fp32_normal_limit")
+    import triton
+    import triton.language as tl
+
+    from ophsd_kernels import triton_divergence as td
+
+    calls = _ftz_interpreter(monkeypatch)
+    _check_near_limit("triton", torch.float32, 0.5, seed=seed_of("ftz", 0))
+    assert calls["exp2"] > 0 and calls["log2"] > 0, calls  # the emulation was in the path
+
+    # The interpreter wants triton.language among a @jit function's module globals.
+    monkeypatch.setitem(globals(), "tl", tl)
+
+    @triton.jit
+    def _unclamped(p_s, p_t, beta):
+        return beta * p_t + (1.0 - beta) * p_s
+
+    s, t = near_limit_inputs(0, 3, seed=0)  # the issue's row alone
+    st = td.partial_stats(s, t, "jsd", 1.0, 0, 3)
+    lse_s, lse_t = st[:, 0] + st[:, 1].log(), st[:, 2] + st[:, 3].log()
+    good = td.jsd_partial(s, t, lse_s, lse_t, 0.5, 1.0, 0, 3)
+    assert torch.isfinite(good).all(), good
+    monkeypatch.setattr(td, "_mixture", _unclamped)
+    bad = td.jsd_partial(s, t, lse_s, lse_t, 0.5, 1.0, 0, 3)
+    assert not torch.isfinite(bad).all(), (
+        f"the unclamped mixture gave finite (b_s, b_t) {bad} under emulated FTZ: the emulation "
+        "no longer reproduces issue 13, so the clamped run above proves nothing")
+    # Through the public API that surfaced as a ValueError blaming the inputs.
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vocab_parallel_divergence(s, t, kind="jsd", beta=0.5, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
 # semantics
 
 
