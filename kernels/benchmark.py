@@ -16,14 +16,25 @@ Implementations compared (same inputs, same loss definition, ``mean`` over token
 ``torch_compile``  ``torch.compile`` of the same per-chunk function.
 ``liger_jsd``      Liger-Kernel's JSD (``liger_jsd``; ``beta=1`` is its reverse-KL branch).
                    It takes log-probabilities, so the row includes ``log_softmax`` of both
-                   inputs in the logits' dtype; ``liger_jsd_kernel`` times its kernel alone on
-                   precomputed log-probabilities (the most favourable reading for Liger).
+                   inputs in the logits' dtype (bf16 log-probabilities: not our function);
+                   ``liger_jsd_fp32`` feeds it fp32 log-probabilities (our function, more
+                   bytes); ``liger_jsd_kernel`` times its kernel alone on precomputed bf16
+                   log-probabilities, differentiated w.r.t. them (the most favourable reading
+                   for Liger, and not our gradient).
+
+Every row is checked before it is timed (:func:`check_equivalence`): its loss, and its
+gradient where it is w.r.t. the same tensor (the student logits), against ours on the first
+``--equiv-rows`` rows of the same inputs; the ``equivalent`` column says ``yes``, ``reference``
+(ours) or ``no (why)``, with the relative errors in ``loss_rel_err`` / ``grad_rel_err``.
+A row that is not equivalent is still timed, but its speed-up compares different work.
 
 Reported per row: median time (CUDA events through ``triton.testing.do_bench``, which also
 flushes L2 between runs; CPU: wall clock), the bytes model (fwd: read S and T once;
 fwd+bwd: two reads of each + one gradient write; JSD: one more read of each), achieved
-bandwidth = model bytes / time, the floor = model bytes / measured device copy bandwidth,
-and peak extra memory (beyond the inputs and, for fwd+bwd, the gradient itself; CUDA:
+bandwidth = model bytes / time, two floors: model bytes / measured device copy bandwidth
+(``floor_ms``, bytes read + written by a large device-to-device copy) and model bytes /
+measured read-only bandwidth (``floor_read_ms``, a large reduction that reads its input once;
+the model's bytes are mostly reads), and peak extra memory (beyond the inputs and, for fwd+bwd, the gradient itself; CUDA:
 ``max_memory_allocated``; CPU: sampled in-use heap growth, coarse). Writes CSV (+ PNG when
 matplotlib imports) under ``--out``.
 """
@@ -92,9 +103,112 @@ def liger_fn():
     return liger_jsd, ""
 
 
-def liger_full(s, t, beta, liger_jsd):
+def liger_full(s, t, beta, liger_jsd, fp32=False):
     # Liger's JSD: log-space inputs; beta weights the teacher (target) like ours.
+    if fp32:
+        s, t = s.float(), t.float()
     return liger_jsd(torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1), beta=beta)
+
+
+def _liger_beta(kind, beta):
+    return {"jsd": beta, "reverse_kl": 1.0, "forward_kl": 0.0}[kind]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One benchmark row's computation.
+
+    ``loss(s_in, t_in, kind, beta, temperature, ctx)`` returns the mean loss over the rows;
+    ``prepare(s, t)`` (optional, run untimed and without autograd) turns the logits into what
+    the row is fed, and the row is then differentiated w.r.t. the prepared student tensor;
+    ``grad_wrt`` names that tensor ("logits": the same as ours, so the gradients are compared;
+    anything else: not our gradient, so a fwd+bwd row is not equivalent); ``inputs`` says what
+    the row reads (shown in the ``no (why)`` label); ``needs``: "liger" or "cuda" or ""."""
+    loss: Callable
+    prepare: Optional[Callable] = None
+    grad_wrt: str = "logits"
+    inputs: str = "logits"
+    needs: str = ""
+
+
+def _log_softmax_pair(s, t):
+    return torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+
+
+IMPLS = {
+    "ours": Impl(lambda s, t, k, b, T, ctx: vocab_parallel_divergence(
+        s, t, kind=k, beta=b, temperature=T, backend=ctx.get("backend", "auto"))),
+    "torch_chunked": Impl(lambda s, t, k, b, T, ctx: torch_chunked(s, t, k, b, T)),
+    "torch_compile": Impl(lambda s, t, k, b, T, ctx: torch_chunked(s, t, k, b, T, compiled=True),
+                          needs="cuda"),
+    "liger_jsd": Impl(lambda s, t, k, b, T, ctx: liger_full(s, t, _liger_beta(k, b), ctx["liger"]),
+                      inputs="log-probabilities in the logits' dtype", needs="liger"),
+    "liger_jsd_fp32": Impl(lambda s, t, k, b, T, ctx: liger_full(s, t, _liger_beta(k, b), ctx["liger"],
+                                                                 fp32=True),
+                           inputs="fp32 log-probabilities", needs="liger"),
+    "liger_jsd_kernel": Impl(lambda s, t, k, b, T, ctx: ctx["liger"](s, t, beta=_liger_beta(k, b)),
+                             prepare=_log_softmax_pair, grad_wrt="log-probabilities",
+                             inputs="precomputed log-probabilities in the logits' dtype",
+                             needs="liger"),
+}
+IMPLS["ours-cpp"] = IMPLS["ours-torch"] = IMPLS["ours"]  # ctx["backend"] picks the backend
+
+# Equivalence tolerances, relative, against ours. Loss: every row that computes our function
+# does it in fp32 from the same logits, and the fp32 rows agree with ours to ~1e-6 on the
+# benchmark's inputs (measured on CPU: <= 1.3e-6); a row that rounds an intermediate to bf16
+# (log-probabilities) is off by 1e-4..1e-3. 2e-5 sits between, ~15x from each. Gradient,
+# ||g - g_ours|| / ||g_ours||: both are one rounding of an fp32 result to the output dtype,
+# at most 2^-9 relative each in bf16 (so 2 * 2^-9 ~ 4e-3), 2^-12 in fp16 (5e-4); fp32 rows
+# differ by summation order only (~1e-6; 2e-5). A bf16 log_softmax backward is off by 1e-2.
+LOSS_RTOL = 2e-5
+GRAD_RTOL = {"bf16": 4e-3, "fp16": 5e-4, "fp32": 2e-5}
+
+
+def check_equivalence(impl, kind, s, t, mode, beta, temperature, ctx, rows=2048,
+                      ref_backend="auto"):
+    """Does ``impl`` compute our function on these inputs? Runs ours and the row on the first
+    ``rows`` rows of the logits ``s``, ``t`` (not modified); returns ``(label, loss_rel_err,
+    grad_rel_err)`` with label ``"yes"`` or ``"no (why)"``; ``grad_rel_err`` is None where
+    the gradients are not compared (fwd, or the row differentiates another tensor)."""
+    spec = IMPLS[impl]
+    s = s[:rows].detach()
+    t = t[:rows].detach()
+    bwd = mode == "fwd+bwd"
+    dtype = {v: k for k, v in DTYPES.items()}.get(s.dtype, "fp32")
+    x = s.clone().requires_grad_(bwd)
+    with torch.set_grad_enabled(bwd):
+        ref = vocab_parallel_divergence(x, t, kind=kind, beta=beta, temperature=temperature,
+                                        backend=ref_backend)
+        if bwd:
+            ref.backward()
+        if spec.prepare is not None:
+            with torch.no_grad():
+                s_in, t_in = spec.prepare(s, t)
+            leaf = s_in = s_in.detach().requires_grad_(bwd)
+        else:
+            leaf = s_in = s.clone().requires_grad_(bwd)
+            t_in = t
+        loss = spec.loss(s_in, t_in, kind, beta, temperature, ctx)
+        if bwd:
+            loss.backward()
+    r, lo = float(ref.detach().double()), float(loss.detach().double())
+    loss_rel = abs(lo - r) / max(abs(r), 1e-12)
+    reasons, grad_rel = [], None
+    if not math.isfinite(lo):
+        reasons.append(f"loss {lo}")
+    elif loss_rel > LOSS_RTOL:
+        reasons.append(f"loss off by {loss_rel:.1e} rel")
+    if bwd:
+        if spec.grad_wrt != "logits":
+            reasons.append(f"gradient w.r.t. {spec.grad_wrt}, not the logits")
+        else:
+            g, g_ref = leaf.grad.double(), x.grad.double()
+            grad_rel = float((g - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
+            if not math.isfinite(grad_rel) or grad_rel > GRAD_RTOL[dtype]:
+                reasons.append(f"gradient off by {grad_rel:.1e} rel")
+    if reasons and spec.inputs != "logits":
+        reasons.append(f"fed {spec.inputs}")
+    return ("yes" if not reasons else f"no ({'; '.join(reasons)})"), loss_rel, grad_rel
 
 
 # --------------------------------------------------------------------------------------
@@ -119,9 +233,14 @@ class Row:
     tbps: Optional[float] = None
     floor_ms: Optional[float] = None
     x_floor: Optional[float] = None
+    floor_read_ms: Optional[float] = None  # model bytes / read-only bandwidth
+    x_floor_read: Optional[float] = None
     peak_extra_mb: Optional[float] = None
     extra_pct_logits: Optional[float] = None
     speedup_vs_torch_chunked: Optional[float] = None
+    equivalent: str = ""  # yes | reference | no (why) | "" (not checked)
+    loss_rel_err: Optional[float] = None
+    grad_rel_err: Optional[float] = None
     note: str = ""
     config: str = field(default="")
 
@@ -142,6 +261,16 @@ def copy_bandwidth(device) -> float:
     t = time_fn(lambda: y.copy_(x), device, rep_ms=300)[0]
     del x, y
     return 2 * nbytes / (t * 1e-3)
+
+
+def read_bandwidth(device) -> float:
+    """Read-only bandwidth in bytes/s: a sum over a large buffer (each byte read once, one
+    number written). Next to :func:`copy_bandwidth`: the models' bytes are mostly reads."""
+    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    t = time_fn(lambda: x.sum(), device, rep_ms=300)[0]
+    del x
+    return nbytes / (t * 1e-3)
 
 
 def time_fn(fn: Callable, device, rep_ms=200, warmup_ms=50, grad_to_none=None, cpu_reps=5):
@@ -249,24 +378,18 @@ def make_case(impl, kind, s, t, beta, temperature, mode, backend, liger):
 
 
 def _loss(impl, kind, s, t, beta, temperature, backend, liger):
-    if impl.startswith("ours"):
-        return vocab_parallel_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
-                                         backend=backend)
-    if impl == "torch_chunked":
-        return torch_chunked(s, t, kind, beta, temperature)
-    if impl == "torch_compile":
-        return torch_chunked(s, t, kind, beta, temperature, compiled=True)
-    if impl == "liger_jsd":
-        b = {"jsd": beta, "reverse_kl": 1.0, "forward_kl": 0.0}[kind]
-        return liger_full(s, t, b, liger)
-    if impl == "liger_jsd_kernel":
-        b = {"jsd": beta, "reverse_kl": 1.0, "forward_kl": 0.0}[kind]
-        return liger(s, t, beta=b)  # s, t are log-probabilities here
-    raise ValueError(impl)
+    if impl not in IMPLS:
+        raise ValueError(impl)
+    return IMPLS[impl].loss(s, t, kind, beta, temperature, {"backend": backend, "liger": liger})
+
+
+def ref_backend(device) -> str:
+    """The backend of the reference ("ours") rows on ``device``: what ``auto`` picks."""
+    return dv.resolve_backend("auto", device)
 
 
 def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, liger=None,
-              backend="auto", log=print):
+              backend="auto", log=print, read_bw=None):
     dt = DTYPES[dtype]
     elem = torch.finfo(dt).bits // 8
     row = Row(device=str(device.type), impl=impl, kind=kind, n=n, v=v, dtype=dtype, mode=mode,
@@ -279,9 +402,20 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
     try:
         s = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
         t = torch.randn(n, v, device=device, dtype=dt, generator=gen).mul_(3)
-        if impl == "liger_jsd_kernel":
-            s = torch.log_softmax(s, -1)
-            t = torch.log_softmax(t, -1)
+        rows = getattr(args, "equiv_rows", 2048)
+        if tp_sim > 1 or (impl.startswith("ours")
+                          and dv.resolve_backend(backend, device) == ref_backend(device)):
+            row.equivalent = "reference"
+        elif rows > 0:
+            row.equivalent, row.loss_rel_err, row.grad_rel_err = check_equivalence(
+                impl, kind, s, t, mode, args.beta, args.temperature,
+                {"backend": backend, "liger": liger}, rows=rows, ref_backend=ref_backend(device))
+            if row.equivalent != "yes":
+                log(f"  {impl} {kind} {mode}: NOT EQUIVALENT to ours: {row.equivalent}")
+        spec = IMPLS.get(impl)
+        if spec is not None and spec.prepare is not None:
+            with torch.no_grad():
+                s, t = spec.prepare(s, t)
         if mode == "fwd+bwd":
             s.requires_grad_(True)
         run = make_case(impl, kind, s, t, args.beta, args.temperature, mode, backend, liger)
@@ -308,13 +442,18 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
     row.tbps = mb / (ms * 1e-3) / 1e12
     row.floor_ms = mb / copy_bw * 1e3
     row.x_floor = ms / row.floor_ms
+    if read_bw:
+        row.floor_read_ms = mb / read_bw * 1e3
+        row.x_floor_read = ms / row.floor_read_ms
     if peak is not None:
         row.peak_extra_mb = peak / 2**20
         row.extra_pct_logits = 100.0 * peak / (n * v * elem)
     cpu_txt = f" (cpu {cpu_ms:9.1f} ms)" if cpu_ms is not None else ""
     log(f"  {impl:>16} {kind:>10} N={n:>6} V={v:>6} tp={tp_sim} {mode:>7}: {ms:9.3f} ms{cpu_txt} "
-        f"({row.tbps:5.2f} TB/s model, {row.x_floor:5.2f}x floor, extra "
-        f"{row.peak_extra_mb if row.peak_extra_mb is not None else float('nan'):9.1f} MiB)")
+        f"({row.tbps:5.2f} TB/s model, {row.x_floor:5.2f}x copy floor, "
+        f"{row.x_floor_read if row.x_floor_read is not None else float('nan'):5.2f}x read floor, "
+        f"extra {row.peak_extra_mb if row.peak_extra_mb is not None else float('nan'):9.1f} MiB, "
+        f"equivalent: {row.equivalent or '-'})")
     return row
 
 
@@ -326,14 +465,19 @@ def run_table(args, device):
     log = print
     rows = []
     copy_bw = copy_bandwidth(device)
+    read_bw = read_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"device: {name}; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s (read+write); "
+    log(f"device: {name}; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s (read+write), "
+        f"read-only bandwidth {read_bw / 1e12:.3f} TB/s; "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     liger, liger_why = liger_fn() if device.type == "cuda" else (None, "CPU run")
     impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise SystemExit(f"unknown --impls {unknown}; known: {sorted(IMPLS)}")
     if device.type == "cpu":
-        impls = [i for i in impls if i not in ("liger_jsd", "liger_jsd_kernel", "torch_compile")]
+        impls = [i for i in impls if IMPLS[i].needs not in ("liger", "cuda")]
     for n in args.n:
         for v in args.v:
             for kind in args.kinds.split(","):
@@ -350,7 +494,7 @@ def run_table(args, device):
                             rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
                                             note=f"not measured: {why}"))
                             continue
-                        if impl.startswith("liger") and liger is None:
+                        if IMPLS[impl].needs == "liger" and liger is None:
                             rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
                                             note=f"not measured: liger-kernel unavailable "
                                                  f"({liger_why})"))
@@ -358,7 +502,8 @@ def run_table(args, device):
                         if impl == "torch_compile" and kind not in args.compile_kinds.split(","):
                             continue
                         rows.append(bench_one(impl, kind, n, v, args.dtype, mode, device,
-                                              copy_bw, args, liger=liger, backend=backend))
+                                              copy_bw, args, liger=liger, backend=backend,
+                                              read_bw=read_bw))
     for tp in args.tp_sim:
         if tp <= 1:
             continue
@@ -366,9 +511,9 @@ def run_table(args, device):
             v = max(args.v)
             for kind in args.kinds.split(","):
                 rows.append(bench_one("ours", kind, n, v // tp, args.dtype, "fwd+bwd", device,
-                                      copy_bw, args, tp_sim=tp))
+                                      copy_bw, args, tp_sim=tp, read_bw=read_bw))
     _speedups(rows)
-    return rows, {"device_name": name, "copy_tbps": copy_bw / 1e12,
+    return rows, {"device_name": name, "copy_tbps": copy_bw / 1e12, "read_tbps": read_bw / 1e12,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "loadavg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                   "cpu_count": os.cpu_count(),
@@ -506,7 +651,8 @@ def run_tp(args):
 
 
 COLS = ["impl", "kind", "n", "v", "tp_sim", "dtype", "mode", "ms", "cpu_ms", "tbps", "floor_ms", "x_floor",
-        "speedup_vs_torch_chunked", "peak_extra_mb", "extra_pct_logits", "note"]
+        "floor_read_ms", "x_floor_read", "speedup_vs_torch_chunked", "peak_extra_mb",
+        "extra_pct_logits", "equivalent", "note"]
 
 
 def print_table(rows):
@@ -617,6 +763,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--cpu-reps", type=int, default=5)
+    p.add_argument("--equiv-rows", type=int, default=2048,
+                   help="rows on which each row's loss/gradient is checked against ours before "
+                        "timing (0: no check); 2048 = torch_chunked's chunk, so torch.compile "
+                        "reuses its graph")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_results"))
     p.add_argument("--tag")
     p.add_argument("--sweep", action="store_true")
