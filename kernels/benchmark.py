@@ -461,7 +461,9 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
 # modes
 
 
-def run_table(args, device):
+def run_table(args, device, on_row=None):
+    """Measure the table's rows; ``on_row(rows, meta)`` is called after each row (the CLI
+    rewrites the CSV there, so a run cut short by a timeout keeps what it measured)."""
     log = print
     rows = []
     copy_bw = copy_bandwidth(device)
@@ -472,6 +474,18 @@ def run_table(args, device):
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     liger, liger_why = liger_fn() if device.type == "cuda" else (None, "CPU run")
+    meta = {"device_name": name, "copy_tbps": copy_bw / 1e12, "read_tbps": read_bw / 1e12,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "loadavg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+            "liger": "available" if liger else f"unavailable: {liger_why}"}
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            _speedups(rows)
+            on_row(rows, meta)
+
     impls = args.impls.split(",")
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
@@ -491,33 +505,28 @@ def run_table(args, device):
                         if impl.startswith("ours") and dv.backend_status(
                                 dv.resolve_backend(backend, device), device)[0] is None:
                             why = dv.backend_status(dv.resolve_backend(backend, device), device)[1]
-                            rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
-                                            note=f"not measured: {why}"))
+                            add(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
+                                    note=f"not measured: {why}"))
                             continue
                         if IMPLS[impl].needs == "liger" and liger is None:
-                            rows.append(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
-                                            note=f"not measured: liger-kernel unavailable "
-                                                 f"({liger_why})"))
+                            add(Row(str(device.type), impl, kind, n, v, args.dtype, mode,
+                                    note=f"not measured: liger-kernel unavailable "
+                                         f"({liger_why})"))
                             continue
                         if impl == "torch_compile" and kind not in args.compile_kinds.split(","):
                             continue
-                        rows.append(bench_one(impl, kind, n, v, args.dtype, mode, device,
-                                              copy_bw, args, liger=liger, backend=backend,
-                                              read_bw=read_bw))
+                        add(bench_one(impl, kind, n, v, args.dtype, mode, device, copy_bw,
+                                      args, liger=liger, backend=backend, read_bw=read_bw))
     for tp in args.tp_sim:
         if tp <= 1:
             continue
         for n in args.n:
             v = max(args.v)
             for kind in args.kinds.split(","):
-                rows.append(bench_one("ours", kind, n, v // tp, args.dtype, "fwd+bwd", device,
-                                      copy_bw, args, tp_sim=tp, read_bw=read_bw))
+                add(bench_one("ours", kind, n, v // tp, args.dtype, "fwd+bwd", device,
+                              copy_bw, args, tp_sim=tp, read_bw=read_bw))
     _speedups(rows)
-    return rows, {"device_name": name, "copy_tbps": copy_bw / 1e12, "read_tbps": read_bw / 1e12,
-                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "loadavg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                  "cpu_count": os.cpu_count(),
-                  "liger": "available" if liger else f"unavailable: {liger_why}"}
+    return rows, meta
 
 
 def _speedups(rows):
@@ -697,16 +706,26 @@ def load_csv(path):
     return rows, meta
 
 
-def save(rows, meta, out_dir, tag, write_csv=True):
+def write_csv(rows, meta, path):
+    """Write ``rows`` (metadata as ``# key: value`` lines first) atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
+        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    os.replace(tmp, path)
+
+
+def save(rows, meta, out_dir, tag, write_csv_file=True):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench_{tag}.csv")
-    if write_csv:
-        with open(path, "w", newline="") as f:
-            f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
-            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
-            w.writeheader()
-            for r in rows:
-                w.writerow(asdict(r))
+    if not rows:
+        print("no rows measured; nothing written")
+        return
+    if write_csv_file:
+        write_csv(rows, meta, path)
         print(f"wrote {path}")
     try:
         import matplotlib
@@ -769,6 +788,8 @@ def main(argv=None):
                         "reuses its graph")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_results"))
     p.add_argument("--tag")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to an existing bench_TAG.csv (speed-ups recomputed over all)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-kind", default="reverse_kl")
     p.add_argument("--sweep-kernels", default="stats,grad,jsd")
@@ -790,7 +811,7 @@ def main(argv=None):
         rows, meta = load_csv(args.replot)
         print_table(rows)
         save(rows, meta, os.path.dirname(os.path.abspath(args.replot)),
-             os.path.basename(args.replot)[len("bench_"):-len(".csv")], write_csv=False)
+             os.path.basename(args.replot)[len("bench_"):-len(".csv")], write_csv_file=False)
         return 0
     if args.tp:
         res = run_tp(args)
@@ -806,9 +827,23 @@ def main(argv=None):
         with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         return 0
-    rows, meta = run_table(args, device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_{tag}.csv")
+    old_rows, old_meta = [], {}
+    if args.append and os.path.exists(path):
+        old_rows, old_meta = load_csv(path)
+        print(f"appending to {path} ({len(old_rows)} rows)")
+
+    def merged(rows, meta):
+        rows = old_rows + rows
+        _speedups(rows)
+        return rows, {**old_meta, **meta}
+
+    rows, meta = run_table(args, device, on_row=lambda r, m: write_csv(*merged(r, m), path))
+    rows, meta = merged(rows, meta)
     print()
-    print_table(rows)
+    if rows:
+        print_table(rows)
     save(rows, meta, args.out, tag)
     return 0
 

@@ -157,3 +157,29 @@ def test_unknown_impl_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown --impls"):
         bm.main(["--device", "cpu", "--tokens", "4", "--vocab", "64", "--impls", "nope",
                  "--out", str(tmp_path)])
+
+
+def test_append_merges_runs_and_recomputes_speedups(tmp_path):
+    """gpu_validate.sh's headline step measures torch.compile in a second invocation with
+    --append: one CSV, speed-ups against the first run's torch_chunked rows."""
+    common = ["--device", "cpu", "--tokens", "8", "--vocab", "500", "--kinds", "reverse_kl",
+              "--modes", "fwd", "--cpu-reps", "1", "--equiv-rows", "4", "--out", str(tmp_path),
+              "--tag", "h"]
+    assert bm.main(common + ["--impls", "torch_chunked"]) == 0
+    assert bm.main(common + ["--impls", "ours-torch", "--append"]) == 0
+    rows, meta = bm.load_csv(tmp_path / "bench_h.csv")
+    assert [r.impl for r in rows] == ["torch_chunked", "ours-torch"]
+    base, ours = rows
+    assert ours.speedup_vs_torch_chunked == pytest.approx(base.cpu_ms / ours.cpu_ms, rel=1e-3)
+    assert "read_tbps" in meta and not list(tmp_path.glob("*.tmp"))
+
+
+def test_runbook_scripts_parse():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for script in ("kernels/gpu_validate.sh", "examples/h100/device_check.sh",
+                   "examples/h100/device_prepare.sh"):
+        r = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
