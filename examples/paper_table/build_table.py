@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the paper table purely from run directories.
 
-    python examples/paper_table/build_table.py [--runs-root runs/paper_table/cpu] [--out-dir examples/paper_table]
+    python examples/paper_table/build_table.py [--runs-root examples/paper_table/runs/cpu] [--out-dir examples/paper_table]
 
 Reads ``RUNS_ROOT/<task>/<method>/seed<k>/`` (ordinary trainer run directories: ``metrics.jsonl``,
 ``args.json``, and the ``paper_table_run.json`` record that ``run.py`` adds) and writes, in
@@ -509,7 +509,7 @@ def build(runs_root, out_dir, tasks=None, rows=None, seeds=None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--runs-root", default=str(REPO / "runs" / "paper_table" / "cpu"))
+    ap.add_argument("--runs-root", default=str(HERE / "runs" / "cpu"))
     ap.add_argument("--out-dir", default=str(HERE))
     ap.add_argument("--tasks", nargs="+", help="default: every task directory under --runs-root")
     ap.add_argument("--methods", nargs="+", choices=list(ROWS), help=f"default: {' '.join(DEFAULT_ROWS)} (+ ophsd_jsd when present)")

@@ -136,8 +136,12 @@ class PlanError(RuntimeError):
 
 
 def default_runs_root(budget: str, lr: float | None = None) -> Path:
+    """In the repository: the small files of every run (metrics.jsonl, args, the run record,
+    report) are tracked, so a finished run is skipped and its numbers kept by the next clone;
+    checkpoints, TensorBoard logs, per-example files and the data split are git-ignored
+    (``runs/.gitignore``)."""
     name = budget if lr is None else f"{budget}-lr{lr:g}"
-    return REPO / "runs" / "paper_table" / name
+    return HERE / "runs" / name
 
 
 def run_methods_for(rows) -> list[str]:
@@ -540,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="table rows; base, base+harness and ophsd+harness come from the trained runs' evals")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--lr", type=float, help="override LEARNING_RATE[budget] (default runs root gets a -lr suffix)")
-    ap.add_argument("--runs-root", help="default: runs/paper_table/<budget>[-lr<lr>]")
+    ap.add_argument("--runs-root", help="default: examples/paper_table/runs/<budget>[-lr<lr>]")
     ap.add_argument("--out-dir", help="where results.json, RESULTS.md and curves.png go (default: "
                                       "examples/paper_table for the default runs root, else the runs root)")
     ap.add_argument("--jobs", type=int, help="trainer processes at once (default: 1 on cpu, 9 on gpu)")
