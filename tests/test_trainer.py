@@ -564,3 +564,13 @@ def test_per_token_losses_reach_the_rollout_log_at_pp2(tiny_model_dir, tmp_path)
     for r in rows:
         assert len(r["per_token_loss"]) == r["response_tokens"] and min(r["per_token_loss"]) >= 0
     assert 0 < sum(sum(r["per_token_loss"]) for r in rows) / sum(r["response_tokens"] for r in rows) < 10 * loss
+
+
+def test_opsd_run_evaluates_standalone_only(tiny_model_dir, tmp_path):
+    """--harness opsd has no inference-time harness: the eval rows carry standalone accuracy only
+    (a None harness accuracy used to crash the final eval's log line)."""
+    m = _train(tiny_model_dir("llama"), tmp_path / "run", "--harness", "opsd", "--train-iters", 1,
+               "--eval-limit", 2, "--skip-eval-before", skip_eval=False)
+    evals = [r for r in m if "tag" in r]
+    assert [r["tag"] for r in evals] == ["after"] and evals[0]["eval/n"] == 2
+    assert "eval/harness_accuracy" not in evals[0] and 0.0 <= evals[0]["eval/standalone_accuracy"] <= 1.0

@@ -687,7 +687,7 @@ class Trainer:
                     f.write(json.dumps({"step": self.step_num, "tag": tag, **r}, ensure_ascii=False, default=str) + "\n")
         row = {"step": self.step_num, "tag": tag,
                "eval/standalone_accuracy": res["standalone"]["accuracy"], "eval/n": res["standalone"]["n"]}
-        if res.get("harness"):
+        if (res.get("harness") or {}).get("accuracy") is not None:  # no harness (OPSD): no such metric
             row["eval/harness_accuracy"] = res["harness"]["accuracy"]
         if probe is not None:
             row["eval/probe_divergence"] = probe
