@@ -574,3 +574,26 @@ def test_opsd_run_evaluates_standalone_only(tiny_model_dir, tmp_path):
     evals = [r for r in m if "tag" in r]
     assert [r["tag"] for r in evals] == ["after"] and evals[0]["eval/n"] == 2
     assert "eval/harness_accuracy" not in evals[0] and 0.0 <= evals[0]["eval/standalone_accuracy"] <= 1.0
+
+
+def _resume_then_prune_worker(rank, world, model_dir, run_dir):
+    import shutil
+
+    from ophsd.train.trainer import Trainer
+
+    tr = Trainer(_args(model_dir, "--save", run_dir, "--load", run_dir, "--train-iters", "2"))
+    assert tr.step_num == 1
+    shutil.rmtree(Path(run_dir) / "iter_0000001")  # pruned while the resumed run goes on
+    tr.train_step()
+    path = tr.save_checkpoint()
+    tr.close()
+    return sorted(p.name for p in (path / "hf").iterdir())
+
+
+def test_resumed_run_saves_after_its_source_checkpoint_is_pruned(tiny_model_dir, tmp_path):
+    d, run = tiny_model_dir("llama"), tmp_path / "run"
+    _train(d, run, "--train-iters", 1)
+    names = sorted(p.name for p in (run / "iter_0000001" / "hf").iterdir())
+    assert "config.json" in names
+    got = run_ranks(_resume_then_prune_worker, 1, str(d), str(run))[0]
+    assert got == names

@@ -178,6 +178,9 @@ class Trainer:
         if model_dir:
             spec = checkpoint.load_spec(model_dir, tp, pp)
             self.hf_dir = Path(model_dir) / "hf"
+            # Its config/tokenizer files, read now: checkpoints copy them, and the directory we
+            # resumed from may be pruned while we run (examples/paper_table keeps the latest only).
+            self._hf_files = {f.name: f.read_bytes() for f in self.hf_dir.iterdir() if f.is_file()}
             student = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
             checkpoint.load_model(student, Path(model_dir) / "model")
             teacher_dir = Path(model_dir) / "teacher"
@@ -721,12 +724,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
         if _rank0():
-            src_hf = self.hf_dir if self.hf_dir else None
             (tmp / "hf").mkdir()
-            if src_hf:
-                for f in Path(src_hf).iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / "hf" / f.name)
+            if self.hf_dir:
+                for name, data in self._hf_files.items():
+                    (tmp / "hf" / name).write_bytes(data)
             else:
                 from ophsd.models.hub import load_config
 
