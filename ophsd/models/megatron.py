@@ -406,8 +406,3 @@ def _install_forward_inputs(model) -> ForwardInputs:
 
         out.register_forward_pre_hook(select_rows, with_kwargs=True)
     return inputs
-
-
-def supports_tree_attention(model) -> bool:
-    """The core attention takes a prefix-tree mask (see :func:`tree_attention_backend`)."""
-    return tree_attention_backend(model) is not None

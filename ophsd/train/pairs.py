@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ophsd.rollout.prefix_cache import common_len
+
 
 @dataclass
 class Sample:
@@ -115,7 +117,7 @@ def tree_layout(seqs: list[list[int]]):
     paths: list[list[int]] = [[] for _ in seqs]
     for k in order:
         s = seqs[k]
-        lcp = _lcp(prev, s)
+        lcp = common_len(prev, s)
         for p in path[lcp:]:  # everything below the branch point is finished
             end[p] = len(tokens)
         del path[lcp:]
@@ -135,7 +137,7 @@ def packed_length(seqs: list[list[int]]) -> int:
     """Tokens in the flattened prefix tree of ``seqs`` (distinct prefixes)."""
     total, prev = 0, []
     for x in sorted(seqs):
-        total += len(x) - _lcp(prev, x)
+        total += len(x) - common_len(prev, x)
         prev = x
     return total
 
@@ -179,22 +181,13 @@ class _PrefixCounter:
         best = 0
         for j in (i - 1, i):
             if 0 <= j < len(self.seqs):
-                best = max(best, _lcp(self.seqs[j], t))
+                best = max(best, common_len(self.seqs[j], t))
         return len(t) - best, i
 
     def add(self, seq: list[int]) -> None:
         extra, i = self.cost(seq)
         self.seqs.insert(i, tuple(seq))
         self.total += extra
-
-
-def _lcp(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _group_by_budget(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:

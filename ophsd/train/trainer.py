@@ -453,9 +453,7 @@ class Trainer:
         if not self.args.pack_sequences:
             return False
         if not hasattr(self, "_tree_backend"):
-            from ophsd.models.megatron import tree_attention_backend
-
-            self._tree_backend = tree_attention_backend(self.module)
+            self._tree_backend = self.module.ophsd_inputs.tree_backend  # chosen when the model was built
             if self._tree_backend is None:
                 _log("--pack-sequences: the transformer-engine core attention cannot take a prefix-tree mask; "
                      "training on right-padded rows (use the local spec for packing)")
