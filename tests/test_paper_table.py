@@ -234,6 +234,33 @@ def test_nothing_run_yet(tmp_path):
     assert "No finished OPHSD run" in md
 
 
+def test_base_rows_are_evaluated_once_and_shared(tmp_path):
+    """run.py evaluates the untrained model once (greedy, seed-independent): the other seeds' runs
+    skip the before-eval; their base cells are 'shared', not missing, and the claims treat the base
+    row's std as 0."""
+    root = tmp_path / "runs"
+    b = root / "banking77"
+    write_run(b / "ophsd" / "seed0", before=(0.02, 0.85), after=(0.40, 0.86))
+    for s, acc in ((1, 0.50), (2, 0.45)):
+        d = write_run(b / "ophsd" / f"seed{s}", after=(acc, 0.87))
+        lines = (d / "metrics.jsonl").read_text().splitlines()[1:]  # no before row: --skip-eval-before
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    res = bt.build(root, tmp_path / "out", tasks=["banking77"], rows=["base", "base+harness", "ophsd"])
+    m = res["tasks"]["banking77"]["methods"]
+    for row, acc in (("base", 0.02), ("base+harness", 0.85)):
+        assert m[row]["deterministic"] and m[row]["missing_seeds"] == [] and m[row]["accuracies"] == [acc]
+        assert [e["status"] for e in m[row]["per_seed"]] == ["finished", "shared", "shared"]
+        assert m[row]["per_seed"][2]["evaluated_by_seed"] == 0 and m[row]["per_seed"][2]["accuracy"] == acc
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "| base | 2.0 (deterministic) | 1/3 | s0: 2.0, s1: = s0, s2: = s0 |" in md
+    assert "Every requested run finished." in md
+    std = math.sqrt(((0.40 - 0.45) ** 2 + (0.50 - 0.45) ** 2) / 2)
+    assert f"OPHSD − base: +43.0 points (2 x the larger std = {200 * std:.1f} points: clears it)" in md
+    # No base evaluation anywhere: still missing, never shared.
+    res = bt.collect(root, tasks=["banking77"], rows=["base"], seeds=[3])
+    assert res["tasks"]["banking77"]["methods"]["base"]["per_seed"][0]["status"] == "missing"
+
+
 # ----------------------------------------------------------------------------- run.py
 
 def _fixture_csv(tmp_path, n=700, labels=7) -> Path:
@@ -308,6 +335,11 @@ def test_plan_commands_resume_and_skip(tmp_path):
     assert by["banking77/opsd/seed0"].state == "restart" and "--load" not in by["banking77/opsd/seed0"].argv
     f0 = by["banking77/ophsd/seed0"]
     assert f0.state == "fresh" and "--load" not in f0.argv
+    # The untrained model is evaluated once: by the lowest seed's ophsd run, no other run.
+    evaluating = [p.name for p in planned if "--skip-eval-before" not in p.argv]
+    assert evaluating == ["banking77/ophsd/seed0"]
+    assert R.base_eval_run(["opsd"], [2, 1]) == ("opsd", 1)  # --methods base opsd: opsd evaluates it
+    assert R.base_eval_run(["opsd", "offpolicy_sft"], [0]) == ("offpolicy_sft", 0)
 
     def opt(p, flag):
         return p.argv[p.argv.index(flag) + 1]

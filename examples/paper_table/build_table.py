@@ -232,6 +232,13 @@ def collect(runs_root: str | Path, tasks=None, rows=None, seeds=None) -> dict:
         for row in task_rows:
             per_seed = [row_entry(runs_root, task, row, s, cache) for s in task_seeds]
             done = [e for e in per_seed if e["status"] == "finished"]
+            deterministic = ROWS[row]["tag"] == "before"
+            if deterministic and done:
+                # Greedy decoding of the same initial weights on the same examples: the seed does not
+                # enter, so one evaluation stands for every seed (run.py evaluates it once).
+                for e in per_seed:
+                    if e["status"] != "finished":
+                        e.update(status="shared", accuracy=done[0]["accuracy"], evaluated_by_seed=done[0]["seed"])
             accs = [e["accuracy"] for e in done]
             mean, std = _mean_std(accs)
             ns = sorted({e["n"] for e in done if e.get("n") is not None})
@@ -240,8 +247,11 @@ def collect(runs_root: str | Path, tasks=None, rows=None, seeds=None) -> dict:
             methods[row] = {
                 "what": ROWS[row]["what"], "metric": ROWS[row]["metric"], "eval_tag": ROWS[row]["tag"],
                 "seeds_requested": task_seeds, "seeds_finished": [e["seed"] for e in done],
-                "missing_seeds": [e["seed"] for e in per_seed if e["status"] != "finished"],
-                "n_seeds": len(done), "accuracies": accs, "mean": mean, "std": std, "std_kind": "sample (ddof=1)",
+                "missing_seeds": [e["seed"] for e in per_seed if e["status"] not in ("finished", "shared")],
+                "n_seeds": len(done), "accuracies": accs, "mean": mean, "std": std,
+                "std_kind": "sample (ddof=1)" if not deterministic else
+                "deterministic (greedy, seed-independent): evaluated once, std 0 by construction",
+                "deterministic": deterministic,
                 "n": ns[0] if len(ns) == 1 else (ns or None),
                 "steps": steps[0] if len(steps) == 1 else (steps or None),
                 "samples_seen": _one([e.get("samples_seen") for e in done]),
@@ -312,6 +322,8 @@ def _fmt_time(s) -> str:
 def _cell(m: dict) -> str:
     if m["mean"] is None:
         return "**no finished run**"
+    if m.get("deterministic"):
+        return f"{_pct(m['mean'])} (deterministic)"
     std = "n/a (1 seed)" if m["std"] is None else _pct(m["std"])
     return f"{_pct(m['mean'])} ± {std}"
 
@@ -321,6 +333,8 @@ def _per_seed_cell(m: dict) -> str:
     for e in m["per_seed"]:
         if e["status"] == "finished":
             parts.append(f"s{e['seed']}: {_pct(e['accuracy'])}")
+        elif e["status"] == "shared":
+            parts.append(f"s{e['seed']}: = s{e['evaluated_by_seed']}")
         else:
             extra = f" at step {e['last_step']}" if e["status"] == "incomplete" and e.get("last_step") else ""
             parts.append(f"s{e['seed']}: *{e['status']}{extra}*")
@@ -343,10 +357,11 @@ def _claims(t: dict) -> list[str]:
             lines.append(f"- OPHSD vs {other}: not checkable ({other} has no finished run).")
             continue
         diff = oph["mean"] - o["mean"]
-        if oph["std"] is None or o["std"] is None:
+        o_std = 0.0 if o.get("deterministic") else o["std"]
+        if oph["std"] is None or o_std is None:
             verdict = "fewer than 2 seeds on one side: no error bar"
         else:
-            thr = 2 * max(oph["std"], o["std"])
+            thr = 2 * max(oph["std"], o_std)
             verdict = f"2 x the larger std = {100 * thr:.1f} points: {'clears it' if diff > thr else 'does NOT clear it'}"
         lines.append(f"- OPHSD − {other}: {100 * diff:+.1f} points ({verdict}).")
     h = get("ophsd+harness")
@@ -378,7 +393,9 @@ def render_markdown(res: dict, previous: str | None = None) -> str:
          f"({res['generated_at']}) from the run directories alone; machine-readable: `results.json`, "
          "plot: `curves.png`. Accuracy in %, mean ± sample standard deviation (ddof=1) over the seeds "
          "that finished; every row states how many did. *missing* = no run directory, *incomplete* = "
-         "started but no final evaluation yet: neither counts as a zero.", ""]
+         "started but no final evaluation yet: neither counts as a zero. The base rows are *deterministic*: "
+         "greedy decoding of the untrained weights on the same examples does not depend on the seed, so they "
+         "are evaluated once (by the lowest seed's run) and stand for every seed (`= s0`).", ""]
     missing_all = []
     for task, t in res["tasks"].items():
         dagger = False
@@ -398,13 +415,13 @@ def render_markdown(res: dict, previous: str | None = None) -> str:
                 wall += " †"
                 dagger = True
             if ROWS[row]["tag"] == "before":
-                wall = "(before-eval of a trained run)"
+                wall = "(before-eval of a trained run, once)"
             elif row == "ophsd+harness":
                 wall = "(same runs as ophsd)"
             L.append(f"| {row} | {_cell(m)} | {m['n_seeds']}/{len(m['seeds_requested'])} | {_per_seed_cell(m)} | "
                      f"{_list(m['n'])} | {_list(m['steps'])} | {_list(m['samples_seen'])} | {wall} |")
             for e in m["per_seed"]:
-                if e["status"] != "finished":
+                if e["status"] not in ("finished", "shared"):
                     missing_all.append(f"{task}/{row}/seed{e['seed']} ({e['status']}, run dir {e['source_run']})")
         if dagger:
             L += ["", "† some seeds have no run.py record: their wall time is the sum of the trainer's "
