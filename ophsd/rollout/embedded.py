@@ -392,11 +392,21 @@ class EmbeddedEngine(Engine):
         """Abort queued/running sequences whose rid starts with ``rid`` (SGLang's prefix rule)."""
         if not abort_all and not rid:
             return 0
+        return self._abort_where(lambda s: abort_all or s.rid.startswith(rid), message)
+
+    def cancel(self, futures: Iterable[Future], message: str = "aborted") -> int:
+        """Abort the sequences behind ``futures`` (a request whose HTTP client has gone; rids may be
+        shared or prefixes of other requests' rids, futures are not)."""
+        futures = set(futures)
+        return self._abort_where(lambda s: s.future in futures, message)
+
+    def _abort_where(self, hit_fn, message: str) -> int:
+        """Queued sequences end now; running ones at the next decode step."""
         hit = 0
         with self._cv:
             keep = deque()
             for s in self._waiting:
-                if abort_all or s.rid.startswith(rid):
+                if hit_fn(s):
                     s.finish = {"type": "abort", "message": message}
                     s.version = self._version
                     self._resolve(s)
@@ -405,7 +415,7 @@ class EmbeddedEngine(Engine):
                     keep.append(s)
             self._waiting = keep
             for s in list(self._running):
-                if abort_all or s.rid.startswith(rid):
+                if hit_fn(s):
                     s.aborted = message
                     hit += 1
             self._cv.notify_all()

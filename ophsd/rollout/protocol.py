@@ -29,6 +29,7 @@ embedded server (:mod:`ophsd.rollout.serve`) and the client (:mod:`ophsd.rollout
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ophsd.rollout.base import Completion, InvalidRequestError, SamplingParams
@@ -62,6 +63,7 @@ SAMPLING_DEFAULT_ONLY = {
     "custom_params": None, "stream_interval": None, "logit_bias": None, "stop_regex": None,
 }
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
+SEED_LIMIT = 1 << 63  # sample j of a request is seeded with seed + j: torch generators take 64 bits
 
 
 def error_body(message: str, code: int = 400) -> dict:
@@ -86,13 +88,18 @@ def _num(d, key, kind, default):
     v = d.get(key, default)
     if v is None:
         return default
+    # JSON gives floats for 1e400 (inf) and NaN: not an integer, and never a usable number
+    finite = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
     if kind is int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        if isinstance(v, bool) or not finite or int(v) != v:
             raise InvalidRequestError(f"sampling_params.{key} must be an integer, got {v!r}")
         return int(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise InvalidRequestError(f"sampling_params.{key} must be a number, got {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float range
+        raise InvalidRequestError(f"sampling_params.{key} is out of range, got {v!r}") from None
 
 
 def sampling_from_sglang(d: Any, return_logprob: bool = False) -> SamplingParams:
@@ -124,8 +131,8 @@ def sampling_from_sglang(d: Any, return_logprob: bool = False) -> SamplingParams
     if not isinstance(stop_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise InvalidRequestError("sampling_params.stop_token_ids must be a list of integers")
     seed = d.get("sampling_seed", d.get("seed"))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidRequestError("sampling_params.sampling_seed must be an integer")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise InvalidRequestError(f"sampling_params.sampling_seed must be an integer in [0, 2**63), got {seed!r}")
     ignore_eos = d.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise InvalidRequestError("sampling_params.ignore_eos must be true or false")

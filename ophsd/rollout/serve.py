@@ -7,16 +7,22 @@ version and source files): the SGLang client (:class:`ophsd.rollout.sglang.SGLan
 and SGLang's own tools talk to it unchanged. Standard library only (``ThreadingHTTPServer``):
 each connection gets a thread, and the engine batches the requests of all threads together.
 Bad requests get a 4xx JSON error (SGLang's ``ErrorResponse``) and the server keeps serving.
+One request cannot take the server down: :class:`ServerLimits` bounds body size, JSON nesting,
+``n``, sequences per request, ``max_new_tokens`` and prompt length (each a flag, each named in
+its 400), and a request whose client has disconnected is aborted between decode steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import select
+import socket
 import sys
 import threading
 import time
-from http import HTTPStatus
+from concurrent.futures import FIRST_EXCEPTION, wait
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -26,7 +32,33 @@ from ophsd.rollout.embedded import EmbeddedEngine
 
 log = logging.getLogger("ophsd.rollout.serve")
 
-MAX_BODY_BYTES = 8 << 30
+
+
+@dataclass
+class ServerLimits:
+    """What one request may ask for; each field is a ``--max-*`` flag of the CLI, named in the 400.
+
+    ``None`` for ``max_new_tokens`` / ``max_prompt_tokens`` means the model's context length.
+    Weight updates over ``/update_weights_from_tensor`` carry whole buckets (512 MiB of tensors,
+    base64) and get their own, larger body limit.
+    """
+
+    max_n: int = 64
+    max_sequences: int = 4096
+    max_new_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    max_body_bytes: int = 8 << 20
+    max_weight_update_bytes: int = 2 << 30
+    max_json_depth: int = 32
+
+    def __post_init__(self):
+        for k, v in vars(self).items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+
+
+# How often a request thread checks that its client is still connected while it waits.
+CLIENT_POLL_S = 0.2
 
 
 class _HTTPError(Exception):
@@ -35,12 +67,30 @@ class _HTTPError(Exception):
         self.code = code
 
 
+class _ClientGone(Exception):
+    """The client closed its connection: its work was aborted and nobody reads an answer."""
+
+
+def _json_depth_exceeds(obj, limit: int) -> bool:
+    """True when containers nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(obj, 1)] if isinstance(obj, (list, dict)) else []
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            return True
+        items = o.values() if isinstance(o, dict) else o
+        stack.extend((c, d + 1) for c in items if isinstance(c, (list, dict)))
+    return False
+
+
 class EmbeddedServer:
     """The HTTP front of one engine. ``start()`` serves in a background thread (tests, trainer);
     ``serve_forever()`` blocks (the CLI)."""
 
-    def __init__(self, engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0,
+                 limits: ServerLimits | None = None):
         self.engine = engine
+        self.limits = limits or ServerLimits()
         handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -73,9 +123,11 @@ class EmbeddedServer:
         self.shutdown()
 
     # ---------------------------------------------------------------- endpoint logic
-    def generate(self, body):
+    def generate(self, body, client_gone=lambda: False):
+        """``/generate``: every check (fields, types, limits) runs before anything is queued or
+        tokenized; ``client_gone`` is polled while waiting, and a gone client's sequences are aborted."""
         body = P.check_fields(body, P.GENERATE_FIELDS, "/generate", P.GENERATE_FIELDS_UNSUPPORTED)
-        eng = self.engine
+        eng, lim = self.engine, self.limits
         if body.get("stream"):
             raise InvalidRequestError("/generate: stream=true is not supported by the embedded server")
         for k in ("lora_path", "custom_logit_processor", "token_ids_logprob", "bootstrap_host"):
@@ -93,7 +145,13 @@ class EmbeddedServer:
             texts = [text] if single else text
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
                 raise InvalidRequestError("/generate: 'text' must be a string or a non-empty list of strings")
-            prompts = [eng.tokenize(t) for t in texts]
+            for t in texts:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise InvalidRequestError(f"/generate: 'text' is not valid Unicode ({e.reason} at "
+                                              f"character {e.start})") from None
+            prompts = texts
         else:
             if not isinstance(ids, list) or not ids:
                 raise InvalidRequestError("/generate: 'input_ids' must be a non-empty list of ints or of lists of ints")
@@ -110,6 +168,7 @@ class EmbeddedServer:
         if len(sps) != n or len(rls) != n:
             raise InvalidRequestError(f"/generate: {n} prompts but {len(sps)} sampling_params / {len(rls)} return_logprob")
         samplings = [P.sampling_from_sglang(s, bool(r)) for s, r in zip(sps, rls)]
+        self._check_limits(samplings)
         rid = body.get("rid")
         if single:
             rids = [rid]
@@ -121,7 +180,23 @@ class EmbeddedServer:
             raise InvalidRequestError("/generate: for a batch, 'rid' must be a list of strings, one per prompt")
         if any(r is not None and not isinstance(r, str) for r in rids):
             raise InvalidRequestError("/generate: 'rid' must be a string")
+        if text is not None:
+            prompts = [eng.tokenize(t) for t in texts]
+        max_prompt = lim.max_prompt_tokens or eng.max_context
+        for p in prompts:
+            if len(p) > max_prompt:
+                raise InvalidRequestError(
+                    f"/generate: a prompt of {len(p)} tokens is longer than the server's limit of {max_prompt} "
+                    f"(--max-prompt-tokens; the model's context length is {eng.max_context})")
         groups = eng.submit_many(list(zip(prompts, samplings)), rids)
+        futs = [f for g in groups for f in g]
+        while True:
+            done, pending = wait(futs, timeout=CLIENT_POLL_S, return_when=FIRST_EXCEPTION)
+            if not pending or any(f.exception() is not None for f in done):
+                break
+            if client_gone():
+                eng.cancel(futs, "aborted: the client disconnected")
+                raise _ClientGone()
         with_text = bool(body.get("return_text_in_logprobs"))
         outs = []
         for futs, sp in zip(groups, samplings):
@@ -130,6 +205,24 @@ class EmbeddedServer:
                 texts = [eng.tokenizer.decode([t]) for t in c.output_ids] if (with_text and sp.return_logprob) else None
                 outs.append(P.completion_to_sglang(c, sp.return_logprob, texts))
         return outs[0] if single and len(outs) == 1 else outs
+
+    def _check_limits(self, samplings) -> None:
+        """The per-request limits that bound the work queued: ``n``, sequences, ``max_new_tokens``."""
+        lim, eng = self.limits, self.engine
+        max_new = lim.max_new_tokens or eng.max_context
+        total = 0
+        for sp in samplings:
+            if sp.n > lim.max_n:
+                raise InvalidRequestError(f"/generate: sampling_params.n={sp.n} is above the server's limit of "
+                                          f"{lim.max_n} samples per prompt (--max-n)")
+            if sp.max_new_tokens > max_new:
+                raise InvalidRequestError(
+                    f"/generate: sampling_params.max_new_tokens={sp.max_new_tokens} is above the server's limit "
+                    f"of {max_new} (--max-new-tokens; the model's context length is {eng.max_context})")
+            total += sp.n
+        if total > lim.max_sequences:
+            raise InvalidRequestError(f"/generate: {total} sequences (prompts x n) in one request is above the "
+                                      f"server's limit of {lim.max_sequences} (--max-sequences)")
 
     def model_info(self):
         eng = self.engine
@@ -216,28 +309,54 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self, required: bool = True):
+    def _body(self, required: bool = True, weight_update: bool = False):
+        lim = self.server_ref.limits
+        limit, flag = ((lim.max_weight_update_bytes, "--max-weight-update-bytes") if weight_update
+                       else (lim.max_body_bytes, "--max-body-bytes"))
         length = self.headers.get("Content-Length")
         if length is None:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                self.close_connection = True
                 raise _HTTPError(411, "chunked request bodies are not supported: send Content-Length")
             raw = b""
         else:
             try:
                 n = int(length)
             except ValueError:
-                raise _HTTPError(400, "bad Content-Length header") from None
-            if n > MAX_BODY_BYTES:
-                raise _HTTPError(413, f"request body of {n} bytes is larger than {MAX_BODY_BYTES}")
+                n = -1
+            if n < 0:
+                self.close_connection = True  # where this body ends is unknown
+                raise _HTTPError(400, f"bad Content-Length header {length[:40]!r}: expected a byte count >= 0")
+            if n > limit:
+                self.close_connection = True  # the body is not read
+                raise _HTTPError(413, f"request body of {n} bytes is larger than the server's limit of {limit} "
+                                      f"bytes ({flag})")
             raw = self.rfile.read(n)
+        self._consumed = True
         if not raw.strip():
             if required:
                 raise _HTTPError(400, "this endpoint needs a JSON body")
             return {}
+        depth = lim.max_json_depth
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(raw)
+        except RecursionError:
+            raise _HTTPError(400, f"JSON body nested deeper than the server's limit of {depth} levels "
+                                  "(--max-json-depth)") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
             raise _HTTPError(400, f"malformed JSON body: {e}") from None
+        if raw.count(b"[") + raw.count(b"{") > depth and _json_depth_exceeds(body, depth):
+            raise _HTTPError(400, f"JSON body nested deeper than the server's limit of {depth} levels "
+                                  "(--max-json-depth)")
+        return body
+
+    def _client_gone(self) -> bool:
+        """True when the peer has closed (or reset) its side of the connection: EOF is readable."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def do_GET(self):
         self._dispatch("GET")
@@ -248,10 +367,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def _no_such_method(self):
+        self.close_connection = True
+        self._send(405, P.error_body(f"method {self.command} is not supported: use GET or POST", 405))
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _no_such_method
+
     def _dispatch(self, method: str):
         path = urlparse(self.path).path.rstrip("/") or "/"
         srv = self.server_ref
         eng = srv.engine
+        self._consumed = self.headers.get("Content-Length") in (None, "0")
         try:
             if path in ("/health", "/ping"):
                 return self._send(200)
@@ -273,16 +399,22 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(404, f"unknown endpoint {path}; the embedded server implements: "
                                  + ", ".join(sorted(_POST_ROUTES | _GET_ROUTES)))
             if path == "/generate":
-                return self._send(200, srv.generate(self._body()))
+                return self._send(200, srv.generate(self._body(), client_gone=self._client_gone))
             if path == "/abort_request":
                 body = P.check_fields(self._body(), P.ABORT_FIELDS, "/abort_request")
-                eng.abort(rid=body.get("rid") or None, abort_all=bool(body.get("abort_all")),
-                          message=body.get("abort_message") or "aborted by /abort_request")
+                rid, msg = body.get("rid"), body.get("abort_message")
+                if rid is not None and not isinstance(rid, str):
+                    raise InvalidRequestError(f"/abort_request: 'rid' must be a string (a request id or its "
+                                              f"prefix), got {type(rid).__name__}")
+                if msg is not None and not isinstance(msg, str):
+                    raise InvalidRequestError("/abort_request: 'abort_message' must be a string")
+                eng.abort(rid=rid or None, abort_all=bool(body.get("abort_all")),
+                          message=msg or "aborted by /abort_request")
                 return self._send(200)
             if path == "/update_weights_from_disk":
                 return self._send(*srv.update_from_disk(self._body()))
             if path == "/update_weights_from_tensor":
-                return self._send(*srv.update_from_tensor(self._body()))
+                return self._send(*srv.update_from_tensor(self._body(weight_update=True)))
             if path == "/update_weight_version":
                 body = P.check_fields(self._body(), P.UPDATE_VERSION_FIELDS, "/update_weight_version")
                 v = P.parse_weight_version(body.get("new_version"))
@@ -319,12 +451,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(400, f"{path} needs NCCL and a real SGLang server; the embedded server takes "
                                  "/update_weights_from_disk and /update_weights_from_tensor")
         except _HTTPError as e:
+            self.close_connection |= not self._consumed  # unread body bytes would be taken for the next request
             return self._send(e.code, P.error_body(str(e), e.code))
         except InvalidRequestError as e:
             return self._send(400, P.error_body(str(e), 400))
         except EngineError as e:
             return self._send(503, P.error_body(str(e), 503))
-        except (BrokenPipeError, ConnectionResetError):
+        except (_ClientGone, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             return None
         except Exception as e:  # noqa: BLE001 - a bug must not kill the server
             log.exception("internal error on %s", path)
@@ -364,11 +498,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-version", type=int, default=0, help="initial weight version (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for requests without sampling_seed")
     p.add_argument("--log-level", default="INFO", help="logging level (DEBUG logs every HTTP request)")
+    d = ServerLimits()
+    g = p.add_argument_group("per-request limits (a request beyond one gets a 4xx naming the flag)")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="most samples per prompt (default: %(default)s)")
+    g.add_argument("--max-sequences", type=int, default=d.max_sequences,
+                   help="most sequences (prompts x n) in one /generate (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="largest sampling_params.max_new_tokens (default: the model's context length)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's context length)")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body (default: %(default)s = 8 MiB)")
+    g.add_argument("--max-weight-update-bytes", type=int, default=d.max_weight_update_bytes,
+                   help="largest /update_weights_from_tensor body (default: %(default)s = 2 GiB)")
+    g.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                   help="deepest nesting of JSON arrays/objects in a body (default: %(default)s)")
     return p
 
 
+def limits_from_args(args) -> ServerLimits:
+    return ServerLimits(max_n=args.max_n, max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+                        max_weight_update_bytes=args.max_weight_update_bytes, max_json_depth=args.max_json_depth)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        limits = limits_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ophsd.models.hub import ModelNotFoundError
 
@@ -382,7 +542,7 @@ def main(argv=None) -> int:
         return 2
     engine.set_weight_version(args.weight_version)
     try:
-        server = EmbeddedServer(engine, args.host, args.port)
+        server = EmbeddedServer(engine, args.host, args.port, limits)
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         engine.close()
