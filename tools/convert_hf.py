@@ -141,17 +141,23 @@ def _prepare_output(out: Path, overwrite: bool) -> Path:
     if occupied and not overwrite:
         raise ConvertError(f"--output {out} exists and is not empty (pass --overwrite to replace it)")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        _log(f"removing the partial directory {partial} left by an earlier failed run")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    try:
+        if partial.exists():
+            _log(f"removing the partial directory {partial} left by an earlier failed run")
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    except OSError as e:  # read-only file system, a path under a file, no permission
+        raise ConvertError(f"--output {out}: cannot create {partial}: {e.strerror or e}") from e
     return partial
 
 
 def _finish_output(partial: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    partial.rename(out)
+    try:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        partial.rename(out)
+    except OSError as e:
+        raise ConvertError(f"--output {out}: cannot move {partial} into place: {e.strerror or e}") from e
 
 
 def _resolve_dtype(name: str, state: dict[str, torch.Tensor]) -> torch.dtype:
@@ -191,6 +197,7 @@ def cmd_import(args) -> int:
     _save_hf_side_files(source, partial / "hf")
     source_desc = str(Path(source.path) / source.gguf_file) if source.gguf_file else source.path
     checkpoint.write_marker(partial, spec, dtype=str(dtype).replace("torch.", ""), source=source_desc)
+    checkpoint.write_manifest(partial)  # last: loads (export, verify, the trainer) check against it
     _finish_output(partial, out)
     _log(f"imported {source_desc} -> {out} in {time.time() - t0:.1f}s")
     return 0
@@ -208,12 +215,14 @@ def cmd_export(args) -> int:
     except checkpoint.CheckpointError as e:
         raise ConvertError(str(e)) from e
     t0 = time.time()
+    checkpoint.verify(src, checkpoint.MODEL_PARTS)  # before anything is written
     partial = _prepare_output(out, args.overwrite)
     distributed.initialize(1, 1)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else DTYPES.get(meta.get("dtype", "float32"), torch.float32)
     try:
-        model = checkpoint.build_and_load(src, 1, 1, params_dtype=dtype)
+        model = checkpoint.build_and_load(src, 1, 1, params_dtype=dtype, verify_files=False)
     except checkpoint.CheckpointError as e:
+        shutil.rmtree(partial, ignore_errors=True)
         raise ConvertError(str(e)) from e
     spec = model.ophsd_spec
     hf: dict[str, torch.Tensor] = {}

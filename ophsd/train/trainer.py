@@ -59,6 +59,99 @@ def _tail(text: str, n: int = 300) -> str:
     return text if len(text) <= n else f"[...{len(text) - n} chars cut...]" + text[-n:]
 
 
+def _iter_dirs(run_dir: Path) -> dict[int, list[Path]]:
+    """Checkpoint directories by iteration: ``iter_N`` first, then ``iter_N.old`` (the previous copy
+    of an iteration being re-saved; see :meth:`Trainer.save_checkpoint`). ``.tmp`` ones are never read."""
+    out: dict[int, list[Path]] = {}
+    for p in Path(run_dir).glob("iter_*"):
+        tail = p.name[5:]
+        num, _, suffix = tail.partition(".")
+        if num.isdigit() and suffix in ("", "old") and p.is_dir():
+            out.setdefault(int(num), []).append(p)
+    return {k: sorted(v, key=lambda p: p.suffix == ".old") for k, v in out.items()}
+
+
+def check_resumable_files(ckpt: Path) -> None:
+    """Raise CheckpointError when ``ckpt`` is damaged or incomplete (collective: verification is
+    shared among ranks). Without a manifest (older ophsd) only the files a resume needs are checked."""
+    from ophsd.models import checkpoint
+
+    if not checkpoint.verify(ckpt):
+        for need in ("trainer_state.pt", "model/metadata.json", "optimizer/metadata.json", checkpoint.MARKER):
+            if not (ckpt / need).is_file():
+                raise checkpoint.CheckpointError(f"checkpoint {ckpt} is incomplete: no {need}")
+
+
+def find_checkpoint(run_dir: str | os.PathLike, log=None) -> Path | None:
+    """The checkpoint ``--load run_dir`` resumes: the one ``latest`` names when it verifies, else the
+    newest older one that does, saying so through ``log`` (a kill, a full disk or a flipped bit
+    must not end a run). None without a ``latest`` file (``run_dir`` is then a model directory).
+    Raises CheckpointError when no checkpoint verifies. Collective (see :func:`check_resumable_files`)."""
+    from ophsd.models.checkpoint import CheckpointError
+
+    run_dir = Path(run_dir)
+    latest_file = run_dir / LATEST
+    if not latest_file.is_file():
+        return None
+    try:
+        named = int(latest_file.read_text().strip())
+    except (OSError, ValueError):
+        named = None
+    named_dir = None if named is None else run_dir / f"iter_{named:07d}"
+    if named_dir is None:
+        why = f"{latest_file} is unreadable"
+    elif not named_dir.is_dir():
+        why = f"{latest_file} names iteration {named} but {named_dir} does not exist"
+    dirs, skipped = _iter_dirs(run_dir), 0
+    for it in sorted((k for k in dirs if named is None or k <= named), reverse=True):
+        for ckpt in dirs[it]:
+            try:
+                check_resumable_files(ckpt)
+            except CheckpointError as e:
+                if ckpt == named_dir:
+                    why = str(e)
+                else:
+                    skipped += 1
+                continue
+            if ckpt != named_dir and log is not None:
+                log(f"{why}; resuming from {ckpt} instead, the newest checkpoint that verifies"
+                    + (f" ({skipped} newer damaged)" if skipped else ""))
+            return ckpt
+    raise CheckpointError(f"--load {run_dir}: no checkpoint to resume: {why}"
+                          + (f"; {skipped} older checkpoints are damaged too" if skipped else ""))
+
+
+def _load_file(path: Path):
+    """torch.load of a checkpoint's own file; a damaged one is a one-line CheckpointError naming it."""
+    from ophsd.models.checkpoint import CheckpointError, _reason
+
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise CheckpointError(f"{path}: unreadable ({_reason(e)})") from e
+
+
+def _drop_rows_after(path: Path, step_num: int) -> int:
+    """Keep the JSONL rows of steps <= ``step_num`` (a resumed run logs the later ones again) and
+    drop unparsable lines (one cut by a kill); returns how many rows went."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row.get("step", 0)) <= step_num
+        except (ValueError, AttributeError, TypeError):
+            keep = False
+        kept.append(line) if keep else None
+        dropped += not keep
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class ExampleStream:
     """Deterministic example order: a generator task streams, file data is reshuffled per epoch."""
 
@@ -123,11 +216,11 @@ class Trainer:
         self.counters: Counter = Counter()
         self.stop_requested = False
         self.run_dir = Path(args.save) if args.save else None
-        resume_dir = self._resume_dir(args.load)
+        resume_dir = find_checkpoint(args.load, log=_log) if args.load else None
         model_dir = resume_dir or (args.load if args.load else None)
         resume_state = self._check_resumable(resume_dir) if resume_dir else None
         self._load_data()
-        self._build_models(model_dir)
+        self._build_models(model_dir, verified=resume_dir is not None)
         self._build_optimizer()
         self._build_generation()
         if args.max_prompt_length is None:
@@ -138,6 +231,10 @@ class Trainer:
         self._tb = None
         if self.run_dir and _rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_dir:
+                for name in ("metrics.jsonl", "rollouts.jsonl"):
+                    if n := _drop_rows_after(self.run_dir / name, self.step_num):
+                        _log(f"{name}: dropped {n} rows past step {self.step_num} (they are re-run)")
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
             if args.log_rollouts:
                 self._rollouts_file = open(self.run_dir / "rollouts.jsonl", "a")
@@ -161,14 +258,8 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ------------------------------------------------------------------------------ building
-    @staticmethod
-    def _resume_dir(load):
-        if load and (Path(load) / LATEST).is_file():
-            it = int((Path(load) / LATEST).read_text().strip())
-            return Path(load) / f"iter_{it:07d}"
-        return None
-
-    def _build_models(self, model_dir):
+    def _build_models(self, model_dir, verified: bool = False):
+        """``verified``: ``model_dir`` is a checkpoint :func:`find_checkpoint` checked whole."""
         from ophsd.models import checkpoint, mapping
         from ophsd.models.hub import ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
         from ophsd.models.megatron import build_model, model_spec_from_hf
@@ -182,7 +273,7 @@ class Trainer:
             # resumed from may be pruned while we run (examples/paper_table keeps the latest only).
             self._hf_files = {f.name: f.read_bytes() for f in self.hf_dir.iterdir() if f.is_file()}
             student = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
-            checkpoint.load_model(student, Path(model_dir) / "model")
+            checkpoint.load_model(student, Path(model_dir) / "model", verify_files=not verified)
             teacher_dir = Path(model_dir) / "teacher"
             self.source = ModelSource(str(model_dir), megatron=True)
         else:
@@ -201,7 +292,7 @@ class Trainer:
         if a.teacher == "initial" and a.objective == "distill":
             self.teacher = build_model(spec, params_dtype=self.dtype, perform_initialization=False)
             if teacher_dir is not None and (teacher_dir / "metadata.json").is_file():
-                checkpoint.load_model(self.teacher, teacher_dir)
+                checkpoint.load_model(self.teacher, teacher_dir, verify_files=not verified)
             else:
                 self.teacher.load_state_dict(student.state_dict())
             self.teacher.requires_grad_(False).eval()
@@ -702,52 +793,119 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, reason: str = "interval") -> Path | None:
-        """Atomic: everything goes to ``iter_N.tmp``; the rename and the ``latest`` file come last."""
-        from ophsd.models import checkpoint
+        """Never loses the checkpoint ``latest`` names, whenever the process dies: everything goes to
+        ``iter_N.tmp`` (the manifest last), which is renamed into place; only then is ``latest``
+        switched and what it replaced removed. Re-saving an existing iteration (a resumed finished
+        run, SIGTERM right after an interval save) first moves the old copy aside as ``iter_N.old``,
+        which :func:`find_checkpoint` resumes if the process dies before the new one is in place.
+        A failed write (disk full) removes the partial copy and raises; the previous checkpoint stays."""
+        from ophsd.models.checkpoint import CheckpointError
 
         if not self.run_dir:
             return None
         final = self.run_dir / f"iter_{self.step_num:07d}"
-        tmp = self.run_dir / f"iter_{self.step_num:07d}.tmp"
-        if _rank0():
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+        try:
+            self._write_checkpoint(tmp)
+            self._collective(lambda: _rank0() and self._commit_checkpoint(tmp, final, old))
+        except CheckpointError as e:
+            if _rank0():
+                shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                prev = f"iteration {int((self.run_dir / LATEST).read_text())}, the previous checkpoint, is intact"
+            except (OSError, ValueError):
+                prev = "there is no earlier checkpoint"
+            raise CheckpointError(f"could not save checkpoint {final} ({reason}): {e}; {prev}") from e
+        _log(f"saved checkpoint {final} ({reason})")
+        return final
+
+    def _collective(self, fn, *args):
+        """Run ``fn`` on this rank; every rank raises the first rank's error (a rank-0-only write
+        failing must not leave the other ranks waiting at the next collective). Returns all results."""
+        from ophsd.models.checkpoint import CheckpointError
+
+        try:
+            out = (None, fn(*args))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            out = ((str(e).strip().splitlines() or [e.__class__.__name__])[0], None)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, out)
+        for err, _ in gathered:
+            if err:
+                raise CheckpointError(err)
+        return [r for _, r in gathered]
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Collective: a complete checkpoint in ``tmp``, its manifest (hashed by all ranks) written last."""
+        from ophsd.models import checkpoint
+
+        def fresh():
+            if _rank0():
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+
+        self._collective(fresh)
         checkpoint.save_model(self.module, tmp / "model")
         if self.teacher is not None:
             checkpoint.save_model(self.teacher, tmp / "teacher")
         checkpoint.save_optimizer(self.optimizer, self.module, tmp / "optimizer")
+        self._collective(self._write_small_files, tmp)
+        names = _broadcast(checkpoint.list_files(tmp) if _rank0() else None)
+        shares = self._collective(checkpoint.hash_files, tmp, names[dist.get_rank()::dist.get_world_size()])
+        self._collective(lambda: _rank0() and checkpoint.write_manifest(tmp, {k: v for d in shares for k, v in d.items()}))
+
+    def _write_small_files(self, tmp: Path) -> None:
+        from ophsd.models import checkpoint
+
         (tmp / "rng").mkdir(exist_ok=True)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
-        if _rank0():
-            (tmp / "hf").mkdir()
-            if self.hf_dir:
-                for name, data in self._hf_files.items():
-                    (tmp / "hf" / name).write_bytes(data)
-            else:
-                from ophsd.models.hub import load_config
+        if not _rank0():
+            return
+        (tmp / "hf").mkdir()
+        if self.hf_dir:
+            for name, data in self._hf_files.items():
+                (tmp / "hf" / name).write_bytes(data)
+        else:
+            from ophsd.models.hub import load_config
 
-                load_config(self.source).save_pretrained(tmp / "hf")
-                self.tokenizer.save_pretrained(tmp / "hf")
-            checkpoint.write_marker(tmp, self.spec, dtype=str(self.dtype).replace("torch.", ""), step=self.step_num)
-            torch.save({"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
-                        "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "layout": self._layout(),
-                        "distributed_optimizer": self.args.use_distributed_optimizer,
-                        "args": vars(self.args)}, tmp / "trainer_state.pt")
-        dist.barrier()
-        if _rank0():
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            latest_tmp = self.run_dir / (LATEST + ".tmp")
-            latest_tmp.write_text(f"{self.step_num}\n")
-            os.replace(latest_tmp, self.run_dir / LATEST)
-            _log(f"saved checkpoint {final} ({reason})")
-        dist.barrier()
-        return final
+            load_config(self.source).save_pretrained(tmp / "hf")
+            self.tokenizer.save_pretrained(tmp / "hf")
+        checkpoint.write_marker(tmp, self.spec, dtype=str(self.dtype).replace("torch.", ""), step=self.step_num)
+        torch.save({"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
+                    "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "layout": self._layout(),
+                    "distributed_optimizer": self.args.use_distributed_optimizer,
+                    "args": vars(self.args)}, tmp / "trainer_state.pt")
+
+    def _commit_checkpoint(self, tmp: Path, final: Path, old: Path) -> None:
+        """Rank 0: put the complete ``tmp`` in place as ``final`` and point ``latest`` at it. Each
+        step leaves a state :func:`find_checkpoint` resumes from, wherever a kill lands."""
+        for dirs in _iter_dirs(self.run_dir).values():  # debris of an interrupted re-save
+            for d in dirs:
+                if d.suffix == ".old":
+                    if len(dirs) > 1:  # its replacement is in place
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        d.rename(d.with_suffix(""))
+        if final.exists():  # re-save of the same iteration
+            final.rename(old)
+        tmp.rename(final)
+        latest_tmp = self.run_dir / (LATEST + ".tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(f"{self.step_num}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, self.run_dir / LATEST)
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames and `latest` reach the disk before anything is removed
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in self.run_dir.glob("iter_*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _layout(self) -> dict:
         ps = self.ps
@@ -756,7 +914,7 @@ class Trainer:
 
     def _check_resumable(self, ckpt: Path) -> dict:
         """The trainer state of ``ckpt``, or a TrainingError naming what does not match (before any model is built)."""
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = _load_file(ckpt / "trainer_state.pt")
         if not (ckpt / "optimizer").is_dir():
             raise TrainingError(f"--load {ckpt}: no optimizer/ checkpoint (written by an older ophsd?); "
                                 "start from its model with --load on a converted model directory instead")
@@ -774,7 +932,7 @@ class Trainer:
         checkpoint.load_optimizer(self.optimizer, self.module, ckpt / "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("layout") == self._layout():
-            rng = torch.load(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=False)
+            rng = _load_file(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt")
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
