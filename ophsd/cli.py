@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 USAGE = """usage: ophsd COMMAND [args]
 
@@ -10,6 +12,32 @@ commands:
   eval     standalone vs harness-attached evaluation (`python -m ophsd.eval`)
   report   RUN_DIR -> report.md + curves.png
 """
+
+
+def writable_error(path, flag: str, directory: bool = False) -> str | None:
+    """Why ``path`` (an output file, or a directory with ``directory``) cannot be written, or None.
+
+    Checked before any work so that results are not lost at the end; by a real write probe, since
+    permission bits say nothing for root and nothing about read-only mounts.
+    """
+    p = Path(path).expanduser()
+    if directory and p.exists() and not p.is_dir():
+        return f"{flag} {path}: exists and is not a directory"
+    if not directory and p.is_dir():
+        return f"{flag} {path}: is a directory, give a file"
+    d = p if directory else p.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        return f"{flag} {path}: {d} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+        if not directory and p.exists():
+            open(p, "a").close()
+    except OSError as e:
+        return f"{flag} {path}: not writable ({e.strerror or e})"
+    return None
 
 
 def main(argv=None) -> int:

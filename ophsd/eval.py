@@ -42,10 +42,21 @@ from ophsd.tasks import TaskDataError, get_task, list_tasks
 from ophsd.tasks.base import split_dev
 from ophsd.tasks.rewards import pass_at_k
 
+PROG = "python -m ophsd.eval"
+
+
+class UsageError(SystemExit):
+    """A bad flag or data file: :func:`main` prints it as one line and exits with code 2
+    (argparse's convention); ``str(e)`` is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ophsd.eval",
+        prog=PROG,
         description="Evaluate a model standalone (bare prompt) and inside a harness (no privileged info).",
     )
     p.add_argument("--task", required=True, help=f"one of: {', '.join(list_tasks())}")
@@ -113,7 +124,7 @@ def _pass_ks(n: int, spec: str | None) -> list[int]:
         ks = sorted({int(x) for x in spec.split(",") if x.strip()})
         bad = [k for k in ks if k < 1 or k > n]
         if bad:
-            raise SystemExit(f"--pass-k values must be in 1..--n-samples ({n}), got {bad}")
+            raise UsageError(f"--pass-k values must be in 1..--n-samples ({n}), got {bad}")
         return ks
     ks, k = [], 1
     while k <= n:
@@ -136,11 +147,11 @@ def _score(task, answer, ex) -> float:
 def _load_examples(task, args):
     if task.name == "arith":
         if args.data:
-            raise SystemExit("task 'arith' generates its problems: drop --data")
+            raise UsageError("task 'arith' generates its problems: drop --data")
         n = args.limit or (args.dev_size if args.split == "dev" else 200)
         return task.dataset(split=args.split, dev_size=args.dev_size, limit=n), None
     if not args.data:
-        raise SystemExit(f"task {task.name!r} needs --data FILE")
+        raise UsageError(f"task {task.name!r} needs --data FILE")
     data = task.load(args.data)
     train_part = None
     if args.split != "all":
@@ -290,29 +301,52 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_flags(args) -> None:
+    """Every flag checked before any data or model is read; the output file is probed for writing
+    too, so that a run's results are not lost at its end."""
+    for flag, low in (("n_samples", 1), ("limit", 1), ("dev_size", 1), ("max_new_tokens", 1), ("plan_tokens", 1),
+                      ("k_neighbours", 1), ("cold_start", 0), ("batch_size", 1)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.output:
+        from ophsd.cli import writable_error
+
+        error = writable_error(args.output, "--output")
+        if error:
+            raise UsageError(error)
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.n_samples < 1:
-        raise SystemExit("--n-samples must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit("--limit must be >= 1")
+    _check_flags(args)
     pass_ks = _pass_ks(args.n_samples, args.pass_k) if args.n_samples > 1 else [1]
     try:
         task = get_task(args.task, **({"seed": args.seed} if args.task == "arith" else {}))
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise UsageError(str(e)) from None
     try:
         examples, train_part = _load_examples(task, args)
-    except TaskDataError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # TaskDataError (it names the file), a split the data cannot give
+        raise UsageError(str(e)) from None
     hname = args.harness or task.default_harness
     if hname == "none":
         hname = None
     if hname is None and args.bank_data:
-        raise SystemExit("--bank-data needs a harness with a memory bank (draft_verify)")
+        raise UsageError("--bank-data needs a harness with a memory bank (draft_verify)")
     if args.bank_data and hname != "draft_verify":
-        raise SystemExit(f"--bank-data only applies to the draft_verify harness, not {hname!r}")
+        raise UsageError(f"--bank-data only applies to the draft_verify harness, not {hname!r}")
 
     from ophsd.harness import build_bank, get_harness
 
@@ -327,7 +361,7 @@ def main(argv=None) -> int:
                     if _same_file(args.bank_data, args.data) and train_part is not None and args.split == "dev":
                         seed_examples, source = train_part, f"{args.bank_data} (train part of the split)"
                     elif _same_file(args.bank_data, args.data) and args.split != "train":
-                        raise SystemExit("--bank-data is the evaluation file: use --split dev so the bank "
+                        raise UsageError("--bank-data is the evaluation file: use --split dev so the bank "
                                          "holds only the train part (otherwise every example is in the bank)")
                     else:
                         bank_task = get_task(args.task)
@@ -347,14 +381,19 @@ def main(argv=None) -> int:
                     kw.update(solve_tokens=args.max_new_tokens)
             harness = get_harness(hname, task=task, **kw)
         except (ValueError, TaskDataError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from None
+            raise UsageError(str(e)) from None
         if hname == "draft_verify":
             bank_info = {"source": source, "size_start": len(harness.bank), "embedder": harness.bank.embedder.name}
             if len(harness.bank):
                 bank_info["nearest_label_accuracy"] = harness.nearest_label_accuracy(examples)
 
     t0 = time.perf_counter()
-    engine = make_engine(args)
+    from ophsd.models.hub import ModelNotFoundError
+
+    try:
+        engine = make_engine(args)
+    except (ModelNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     load_s = time.perf_counter() - t0
     try:
         res = evaluate(task, examples, engine, harness, n_samples=args.n_samples, temperature=args.temperature,

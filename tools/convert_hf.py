@@ -359,6 +359,17 @@ def greedy_generate(model, tok, prompt_ids: list[int], max_new_tokens: int) -> s
 # ----------------------------------------------------------------------------------------- CLI
 
 
+def _positive_int(s: str) -> int:
+    """argparse type of a size or count (--tp, --pp): an integer >= 1, so a 0 is a usage error."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def _add_source(p):
     g = p.add_argument_group("source (exactly one)")
     g.add_argument("--hf-dir", help="HuggingFace model directory (config.json, *.safetensors, tokenizer)")
@@ -394,13 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`torchrun --nproc-per-node TP*PP tools/convert_hf.py verify ...`.")
     _add_source(p)
     p.add_argument("--megatron-dir", required=True)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype of both models")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs logit difference allowed (default: 1e-3 float32, 0.5 bfloat16, 0.1 float16)")
     p.add_argument("--prompt", action="append", help="prompt to compare (repeatable; default: 3 built-in)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="length of the greedy answer shown")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=24, help="length of the greedy answer shown")
     p.set_defaults(func=cmd_verify)
     return ap
 

@@ -86,31 +86,53 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def _not_text(p: Path) -> TaskDataError:
+    return TaskDataError(f"{p}: not UTF-8 text; is this the right file?")
+
+
 def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """Yield ``(file:line, record_or_exception)`` for a JSONL file or a JSON list file.
 
-    Undecodable lines yield the exception instead of raising, so the caller counts them.
+    Undecodable lines yield the exception instead of raising, so the caller counts them; a file
+    that is not text, or a JSON list too deeply nested to parse, raises :class:`TaskDataError`.
     """
     p = _check_file(path)
-    with open(p, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    try:
+        with open(p, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+    except UnicodeDecodeError:
+        raise _not_text(p) from None
     if head.startswith("["):  # one JSON array (the paper's .json files)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise _not_text(p) from None
+        except (RecursionError, ValueError) as e:  # deep nesting; an integer of > 4300 digits
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise TaskDataError(f"{p}: cannot parse the JSON ({why})") from None
         # json gives no line numbers per element: report the element index instead.
         for i, rec in enumerate(data):
             yield f"{p}:[{i}]", rec
         return
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{p}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{p}:{lineno}", ValueError(f"invalid JSON ({e.msg})")
+    lineno = 0
+    try:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rec = ValueError(f"invalid JSON ({e.msg})")
+                except RecursionError:
+                    rec = ValueError("invalid JSON (nested too deeply)")
+                except ValueError as e:
+                    rec = ValueError(f"invalid JSON ({e})")
+                yield f"{p}:{lineno}", rec
+    except UnicodeDecodeError:
+        raise TaskDataError(f"{p}:{lineno + 1}: not UTF-8 text; is this the right file?") from None
 
 
 def iter_csv_records(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -118,18 +140,23 @@ def iter_csv_records(path: str | os.PathLike, required: Sequence[str]) -> Iterat
     p = _check_file(path)
     with open(p, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise TaskDataError(
-                f"{p}:1: CSV header {header} lacks column(s) {missing} (expected {list(required)})"
-            )
-        for row in reader:
-            loc = f"{p}:{reader.line_num}"
-            if None in row or any(v is None for v in row.values()):
-                yield loc, ValueError(f"wrong number of fields ({len(row)} columns)")
-            else:
-                yield loc, row
+        try:
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise TaskDataError(
+                    f"{p}:1: CSV header {header} lacks column(s) {missing} (expected {list(required)})"
+                )
+            for row in reader:
+                loc = f"{p}:{reader.line_num}"
+                if None in row or any(v is None for v in row.values()):
+                    yield loc, ValueError(f"wrong number of fields ({len(row)} columns)")
+                else:
+                    yield loc, row
+        except UnicodeDecodeError:
+            raise TaskDataError(f"{p}:{reader.line_num + 1}: not UTF-8 text; is this the right file?") from None
+        except csv.Error as e:
+            raise TaskDataError(f"{p}:{reader.line_num}: not a readable CSV file ({e})") from None
 
 
 def sample_indices(n: int, k: int, seed: int = 0, keys: Sequence | None = None) -> list[int]:

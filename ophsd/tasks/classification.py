@@ -46,6 +46,8 @@ class ClassificationTask(Task):
                 data = json.loads(Path(labels).read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{labels}:{e.lineno}: labels file is not valid JSON") from None
+            except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
+                raise TaskDataError(f"{labels}: labels file is not readable JSON ({type(e).__name__})") from None
             if not isinstance(data, list) or not all(isinstance(x, (str, int)) for x in data):
                 raise TaskDataError(f"{labels}: labels file must hold a JSON list of strings")
             return [str(x) for x in data]

@@ -1,7 +1,9 @@
 """Trainer flags: Megatron-LM's names for what Megatron users know, plus OPHSD's own.
 
 ``--config file.yaml`` supplies defaults with the same names (dashes or underscores); the
-command line wins. :func:`validate` fails fast, before any model is loaded, naming the flag.
+command line wins. YAML values go through the same argparse ``type=``/``choices=`` conversion
+as command-line strings, so a config cannot hold what the flag would refuse. :func:`validate`
+fails fast, before any model is loaded, naming the flag (and the file).
 """
 from __future__ import annotations
 
@@ -127,22 +129,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The YAML file's settings, each converted and checked by its flag's own argparse action."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a YAML file (not UTF-8 text)") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--config {path}: YAML syntax error{line}: {what}") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: YAML nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
     out = {}
     for k, v in data.items():
         dest = str(k).lstrip("-").replace("-", "_")
-        if dest not in known or dest == "config":
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
             raise ConfigError(f"--config {path}: unknown setting '{k}'")
-        out[dest] = v
+        try:
+            out[dest] = _yaml_value(parser, action, v)
+        except (argparse.ArgumentError, ConfigError) as e:
+            raise ConfigError(f"--config {path}: {e}") from None
     return out
+
+
+def _yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, v):
+    """One YAML value as the command line would give it: flags take true/false, list flags
+    (``action="append"``) a value or a list, others one scalar, converted by argparse's own
+    ``_get_values`` (``type=`` then ``choices=``)."""
+    flag = action.option_strings[-1]
+    if action.nargs == 0:  # store_true / store_false / --x/--no-x
+        if not isinstance(v, bool):
+            raise ConfigError(f"{flag} is a switch: give true or false, got {v!r}")
+        return v
+    if v is None:
+        if action.default is None:
+            return None
+        raise ConfigError(f"{flag} needs a value (null given; drop the line for the default {action.default!r})")
+    many = isinstance(action, argparse._AppendAction)
+    values = v if many and isinstance(v, list) else [v]
+    out = []
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+            raise ConfigError(f"{flag} takes one {'number' if action.type in (int, float) else 'value'}, "
+                              f"got {type(x).__name__} {x!r}")
+        out.append(parser._get_values(action, [str(x)]))
+    return out if many else out[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,3 +259,8 @@ def validate(args: argparse.Namespace) -> None:
         need(Path(args.load).is_dir(), f"--load {args.load}: no such directory")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.save:
+        from ophsd.cli import writable_error
+
+        error = writable_error(args.save, "--save", directory=True)
+        need(error is None, error)
