@@ -100,18 +100,25 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_case(case: InputCase, timeout: float = 300) -> tuple[int, str, float]:
-    """``(exit code, stderr, seconds)`` of the case's command in a subprocess (one rank, no torchrun)."""
+def run_case(case: InputCase, timeout: float = 120) -> tuple[int | None, str, float]:
+    """``(exit code, stderr, seconds)`` of the case's command in a subprocess (one rank, no torchrun);
+    exit code None when it was still running after ``timeout`` (it took the bad input and went on)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     t0 = time.monotonic()
-    r = subprocess.run(COMMANDS[case.prog] + case.argv, capture_output=True, text=True, cwd=REPO, env=env,
-                       timeout=timeout)
+    try:
+        r = subprocess.run(COMMANDS[case.prog] + case.argv, capture_output=True, text=True, cwd=REPO, env=env,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, err, time.monotonic() - t0
     return r.returncode, r.stderr, time.monotonic() - t0
 
 
 def judge(case: InputCase, code: int, err: str) -> str | None:
     """A failure line, or None when the command ended as it must."""
+    if code is None:
+        return f"{case.name}: still running after the timeout: the bad input was taken and the job went on"
     if "Traceback" in err:
         return f"{case.name}: traceback: {last_line(err)[:200]}"
     if "Loading weights" in err or "loaded in" in err:
