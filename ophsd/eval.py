@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from ophsd.harness import options as harness_options
 from ophsd.harness.base import call_isolated
 from ophsd.rollout.base import SamplingParams
 from ophsd.tasks import TaskDataError, get_task, list_tasks
@@ -66,11 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness", default=None,
                    help="harness name (default: the task's, plan_solve for math, draft_verify for classification); "
                         "'none' evaluates standalone only")
-    p.add_argument("--bank-data", help="labelled file that seeds the draft-verify memory bank "
-                                       "(default: online bank built from the evaluation stream)")
-    p.add_argument("--bank-cache", help="save/load the bank's precomputed embeddings here (.npz)")
-    p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"],
-                   help="memory-bank embeddings (auto: all-MiniLM-L6-v2 when installed, else TF-IDF)")
+    # every registered harness's options: --plan-tokens, --k-neighbours, --cold-start, --bank-data, ...
+    harness_options.add_harness_arguments(p, "eval")
     p.add_argument("--split", default="all", choices=["all", "dev", "train"],
                    help="evaluate the whole file, or the dev/train part of a fixed-seed split")
     p.add_argument("--dev-size", type=int, default=500, help="examples in the dev split (default 500)")
@@ -83,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-k", default=None, help="comma-separated k values (default: powers of 2 up to n)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pass@k")
     p.add_argument("--max-new-tokens", type=int, help="answer budget (default: the task's)")
-    p.add_argument("--plan-tokens", type=int, default=256, help="plan-solve: plan budget")
-    p.add_argument("--k-neighbours", type=int, default=5, help="draft-verify: neighbours in the draft")
-    p.add_argument("--cold-start", type=int, default=16, help="draft-verify: bank size below which it answers zero-shot")
     p.add_argument("--batch-size", type=int, default=64, help="examples per engine batch / online bank update")
     p.add_argument("--engine-url", nargs="+", help="SGLang or embedded server URL(s) instead of the in-process engine")
     p.add_argument("--dtype", default="float32", help="embedded engine dtype (float32, bfloat16)")
@@ -304,11 +299,13 @@ def format_table(res: dict) -> str:
 def _check_flags(args) -> None:
     """Every flag checked before any data or model is read; the output file is probed for writing
     too, so that a run's results are not lost at its end."""
-    for flag, low in (("n_samples", 1), ("limit", 1), ("dev_size", 1), ("max_new_tokens", 1), ("plan_tokens", 1),
-                      ("k_neighbours", 1), ("cold_start", 0), ("batch_size", 1)):
+    for flag, low in (("n_samples", 1), ("limit", 1), ("dev_size", 1), ("max_new_tokens", 1), ("batch_size", 1)):
         v = getattr(args, flag)
         if v is not None and v < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    error = harness_options.check_minimums(args, "eval")
+    if error:
+        raise UsageError(error)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.output:
@@ -343,48 +340,46 @@ def _main(argv=None) -> int:
     hname = args.harness or task.default_harness
     if hname == "none":
         hname = None
-    if hname is None and args.bank_data:
-        raise UsageError("--bank-data needs a harness with a memory bank (draft_verify)")
-    if args.bank_data and hname != "draft_verify":
-        raise UsageError(f"--bank-data only applies to the draft_verify harness, not {hname!r}")
+    error = harness_options.check_exclusive(hname, args, "eval")
+    if error:
+        raise UsageError(error)
 
-    from ophsd.harness import build_bank, get_harness
+    from ophsd.harness import get_harness
 
     progress = not args.no_progress
     harness, bank_info, online = None, None, False
     if hname is not None:
         kw = {"progress": progress, "chunk_size": max(1, args.batch_size // 4), "max_workers": 4}
+        sources = []  # the labelled files the harness options read (a memory bank's seed)
+
+        def read_data(path):
+            """A labelled file named by a harness option; the evaluation file gives its train part only."""
+            if _same_file(path, args.data) and train_part is not None and args.split == "dev":
+                out = train_part, f"{path} (train part of the split)"
+            elif _same_file(path, args.data) and args.split != "train":
+                raise UsageError("--bank-data is the evaluation file: use --split dev so the bank "
+                                 "holds only the train part (otherwise every example is in the bank)")
+            else:
+                data_task = get_task(args.task)
+                if getattr(task, "labels", None):
+                    data_task.set_labels(task.labels)
+                out = data_task.load(path), path
+            sources.append(out[1])
+            return out
+
         try:
-            if hname == "draft_verify":
-                bank = None
-                if args.bank_data:
-                    if _same_file(args.bank_data, args.data) and train_part is not None and args.split == "dev":
-                        seed_examples, source = train_part, f"{args.bank_data} (train part of the split)"
-                    elif _same_file(args.bank_data, args.data) and args.split != "train":
-                        raise UsageError("--bank-data is the evaluation file: use --split dev so the bank "
-                                         "holds only the train part (otherwise every example is in the bank)")
-                    else:
-                        bank_task = get_task(args.task)
-                        if getattr(task, "labels", None):
-                            bank_task.set_labels(task.labels)
-                        seed_examples, source = bank_task.load(args.bank_data), args.bank_data
-                    bank = build_bank(seed_examples, task, embedder=args.embedder, cache=args.bank_cache,
-                                      progress=progress)
-                else:
-                    online, source = True, "online (evaluation stream)"
-                kw.update(bank=bank, embedder=args.embedder, k=args.k_neighbours, cold_start=args.cold_start)
-                if args.max_new_tokens:
-                    kw.update(draft_tokens=args.max_new_tokens, verify_tokens=args.max_new_tokens)
-            elif hname == "plan_solve":
-                kw.update(plan_tokens=args.plan_tokens)
-                if args.max_new_tokens:
-                    kw.update(solve_tokens=args.max_new_tokens)
-            harness = get_harness(hname, task=task, **kw)
+            options = harness_options.options_from_args(hname, args, "eval")
+            ctx = harness_options.HarnessContext(task, read_data, progress=progress,
+                                                 max_new_tokens=args.max_new_tokens)
+            harness = get_harness(hname, task=task, **options.harness_kwargs(ctx), **kw)
         except (ValueError, TaskDataError, FileNotFoundError) as e:
             raise UsageError(str(e)) from None
-        if hname == "draft_verify":
-            bank_info = {"source": source, "size_start": len(harness.bank), "embedder": harness.bank.embedder.name}
-            if len(harness.bank):
+        bank = getattr(harness, "bank", None)
+        if bank is not None:  # a memory bank: seeded from a file, else grown from the evaluation stream
+            online = not sources
+            bank_info = {"source": sources[-1] if sources else "online (evaluation stream)",
+                         "size_start": len(bank), "embedder": bank.embedder.name}
+            if len(bank) and hasattr(harness, "nearest_label_accuracy"):
                 bank_info["nearest_label_accuracy"] = harness.nearest_label_accuracy(examples)
 
     t0 = time.perf_counter()

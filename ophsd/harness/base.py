@@ -13,8 +13,10 @@ Hooks the trainer uses:
   batch's true labels; a no-op for stateless harnesses),
 * ``harness.state_dict()`` / ``harness.load_state_dict(sd)`` for checkpoints.
 
-Register your own: ``@register_harness("mine")`` on a :class:`Harness` subclass, then
-``get_harness("mine", task=task, **options)``.
+Register your own: ``@register_harness("mine", options=MineOptions)`` on a :class:`Harness`
+subclass, then ``get_harness("mine", task=task, **options)``. ``MineOptions`` (a
+:class:`~ophsd.harness.options.HarnessOptions` dataclass) gives its flags to ``ophsd train`` and
+``ophsd.eval`` (:mod:`ophsd.harness.options`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ophsd.harness.options import HarnessOptions
 from ophsd.rollout.base import Completion, Engine, SamplingParams
 from ophsd.tasks.base import Example, Task
 
@@ -74,6 +77,7 @@ class Harness:
 
     name = "harness"
     modes: tuple[str, ...] = ()
+    Options: type[HarnessOptions] = HarnessOptions  # its CLI options (set by ``register_harness(options=)``)
 
     def __init__(self, task: Task, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  chunk_size: int = 8, max_workers: int = 8, progress: bool = True, retry_failed: bool = True):
@@ -224,12 +228,20 @@ def call_isolated(engine: Engine, conversations: Sequence[Messages],
 HARNESSES: dict[str, type[Harness]] = {}
 
 
-def register_harness(name: str):
-    """Class decorator: ``@register_harness("mine")`` makes ``get_harness("mine", task=...)`` work."""
+def register_harness(name: str, options: type[HarnessOptions] | None = None):
+    """Class decorator: ``@register_harness("mine")`` makes ``get_harness("mine", task=...)`` work.
+
+    ``options``: the harness's options dataclass (:class:`HarnessOptions` subclass), whose fields
+    become flags of ``ophsd train`` and ``ophsd.eval`` (default: the class's ``Options``)."""
 
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, Harness)):
             raise TypeError(f"register_harness({name!r}) expects a Harness subclass, got {cls!r}")
+        if options is not None:
+            if not (isinstance(options, type) and issubclass(options, HarnessOptions)):
+                raise TypeError(f"register_harness({name!r}, options=) expects a HarnessOptions subclass, "
+                                f"got {options!r}")
+            cls.Options = options
         HARNESSES[name] = cls
         if cls.name == Harness.name:
             cls.name = name

@@ -19,12 +19,14 @@ without ``--bank-data``: after each example's own prediction). ``state_dict`` ho
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ophsd.harness.base import Harness, HarnessResult, register_harness
-from ophsd.harness.memory_bank import MemoryBank, Neighbour
+from ophsd.harness.memory_bank import MemoryBank, Neighbour, build_bank
+from ophsd.harness.options import HarnessContext, HarnessOptions, option
 from ophsd.tasks.base import Example
 from ophsd.tasks.rewards import LabelParser, normalize_label, strip_think
 
@@ -34,7 +36,37 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3].rstrip() + "..."
 
 
-@register_harness("draft_verify")
+@dataclass
+class DraftVerifyOptions(HarnessOptions):
+    """``draft_verify``'s CLI options. ``bank_data`` is read with the CLI's
+    :meth:`HarnessContext.read` and seeds the bank (:func:`build_bank`); the draft and verify
+    budgets are the CLI's answer budget, if it has one."""
+
+    k: int = option(5, "draft-verify: neighbours in the draft", flag="--k-neighbours", min=1,
+                    train=dict(flag="--bank-k", help="draft-verify: neighbours shown", min=None))
+    cold_start: int = option(16, "draft-verify: bank size below which it answers zero-shot", min=0, clis=("eval",))
+    embedder: str = option("auto", "memory-bank embeddings (auto: all-MiniLM-L6-v2 when installed, else TF-IDF)",
+                           choices=["auto", "minilm", "tfidf"], clis=("eval",))
+    bank_data: str | None = option(
+        None, "labelled file that seeds the draft-verify memory bank (default: online bank built from the "
+              "evaluation stream)", file=True, exclusive=True,
+        train=dict(help="draft-verify: seed the memory bank from this labelled file (default: empty bank, "
+                        "grown online with each step's true labels)"))
+    bank_cache: str | None = option(None, "save/load the bank's precomputed embeddings here (.npz)", clis=("eval",))
+
+    def harness_kwargs(self, ctx: HarnessContext) -> dict:
+        kw = {"k": self.k, "cold_start": self.cold_start, "embedder": self.embedder}
+        if self.bank_data:
+            examples, source = ctx.read(self.bank_data)
+            kw["bank"] = build_bank(examples, ctx.task, embedder=self.embedder, cache=self.bank_cache,
+                                    progress=ctx.progress)
+            ctx.log(f"memory bank seeded with {len(kw['bank'])} labelled examples from {source}")
+        if ctx.max_new_tokens:
+            kw.update(draft_tokens=ctx.max_new_tokens, verify_tokens=ctx.max_new_tokens)
+        return kw
+
+
+@register_harness("draft_verify", options=DraftVerifyOptions)
 class DraftVerifyHarness(Harness):
     name = "draft_verify"
     modes = ("full", "draft_only", "cold_start")

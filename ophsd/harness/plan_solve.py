@@ -13,9 +13,11 @@ a plan; the teacher context then holds the problem [+ hint] only).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from ophsd.harness.base import Harness, HarnessResult, register_harness
+from ophsd.harness.options import HarnessContext, HarnessOptions, option
 from ophsd.tasks.base import Example
 from ophsd.tasks.rewards import strip_think
 
@@ -33,7 +35,21 @@ SOLVE_NO_PLAN = "Solve the problem step by step. Put the final answer in \\boxed
 SOLVE_HINT = "(For verification only: the reference answer is {answer}. Derive it yourself; do not just state it.)"
 
 
-@register_harness("plan_solve")
+@dataclass
+class PlanSolveOptions(HarnessOptions):
+    """``plan_solve``'s CLI options (the solve budget is the CLI's answer budget, if it has one)."""
+
+    plan_tokens: int = option(256, "plan-solve: plan stage token budget", min=1,
+                              train=dict(default=192, min=None))
+
+    def harness_kwargs(self, ctx: HarnessContext) -> dict:
+        kw = {"plan_tokens": self.plan_tokens}
+        if ctx.max_new_tokens:
+            kw["solve_tokens"] = ctx.max_new_tokens
+        return kw
+
+
+@register_harness("plan_solve", options=PlanSolveOptions)
 class PlanSolveHarness(Harness):
     name = "plan_solve"
     modes = ("plan_solve", "solve_only")

@@ -71,10 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="distill", choices=["distill", "offpolicy"],
                    help="distill: on-policy divergence to the teacher; offpolicy: cross-entropy on the "
                         "harness's final responses (the off-policy baseline)")
-    g.add_argument("--plan-tokens", type=int, default=192, help="plan-solve: plan stage token budget")
-    g.add_argument("--bank-k", type=int, default=5, help="draft-verify: neighbours shown")
-    g.add_argument("--bank-data", help="draft-verify: seed the memory bank from this labelled file "
-                                       "(default: empty bank, grown online with each step's true labels)")
+    from ophsd.harness import options as harness_options  # every registered harness's options
+
+    harness_options.add_harness_arguments(g, "train")  # --plan-tokens, --bank-k, --bank-data, ...
     g = ap.add_argument_group("distillation")
     g.add_argument("--divergence", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"])
     g.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight, 0 < beta < 1")
@@ -234,9 +233,15 @@ def validate(args: argparse.Namespace) -> None:
         need(bool(args.data), f"--task {args.task} needs --data FILE (only arith is generated)")
     if args.data:
         need(Path(args.data).is_file(), f"--data {args.data}: no such file")
-    if args.bank_data:
-        need(args.harness == "draft_verify", "--bank-data needs --harness draft_verify")
-        need(Path(args.bank_data).is_file(), f"--bank-data {args.bank_data}: no such file")
+    from ophsd.harness import options as harness_options
+
+    for error in (harness_options.check_minimums(args, "train"),
+                  harness_options.check_exclusive(args.harness, args, "train")):
+        need(error is None, error)
+    for fl in harness_options.file_flags(args.harness, "train"):
+        value = getattr(args, fl.dest)
+        if value:
+            need(Path(value).is_file(), f"{fl.flag} {value}: no such file")
     if args.eval_data:
         need(Path(args.eval_data).is_file(), f"--eval-data {args.eval_data}: no such file")
     if args.rollout_engine != "sglang":

@@ -338,14 +338,10 @@ class Trainer:
         if not _rank0():
             self._sync_weights(version=0)  # collective: every rank takes part in the gather
             return
-        kwargs = {"plan_tokens": a.plan_tokens} if a.harness == "plan_solve" else {}
-        if a.harness == "draft_verify":
-            kwargs = {"k": a.bank_k}
-            if a.bank_data:
-                from ophsd.harness import build_bank
+        from ophsd.harness.options import HarnessContext, options_from_args
 
-                kwargs["bank"] = build_bank(list(self.task.dataset(a.bank_data, split="all")), self.task)
-                _log(f"memory bank seeded with {len(kwargs['bank'])} labelled examples from {a.bank_data}")
+        options = options_from_args(a.harness, a, "train")
+        kwargs = options.harness_kwargs(HarnessContext(self.task, log=_log))
         self.harness = get_harness(a.harness, self.task, seed=a.seed, **kwargs)
         if a.rollout_engine == "sglang":
             from ophsd.rollout.sglang import SGLangEngine
