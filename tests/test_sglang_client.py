@@ -167,16 +167,16 @@ def test_stale_server_is_detected_and_bypassed(fresh):
 def test_weight_push_through_client(fresh, other, llama, method):
     target = _hf(other)
     sd = target.state_dict()
-    with SGLangEngine([s.url for s in fresh]) as eng:
+    # small buckets: several shards / several tensor calls
+    with SGLangEngine([s.url for s in fresh], weight_sync=method, bucket_bytes=64 << 10) as eng:
         before = [c.output_ids for (c,) in eng.generate(PROMPTS, GREEDY)]
         bad = [("model.layers.0.self_attn.q_proj.weight", torch.zeros(2, 2))]
         with pytest.raises(EngineError, match="failed on every server"):
-            push_weights(eng, iter(bad), 3, method=method)
+            push_weights(eng, iter(bad), 3)
         assert eng.weight_version == 0 and [s.engine.weight_version for s in fresh] == [0, 0]
         assert [c.output_ids for (c,) in eng.generate(PROMPTS, GREEDY)] == before
-        # small buckets: several shards / several tensor calls
         assert len(list(iter_buckets(sd.items(), 64 << 10))) > 2
-        push_weights(eng, iter(sd.items()), 3, bucket_bytes=64 << 10, method=method)
+        push_weights(eng, iter(sd.items()), 3)
         assert eng.weight_version == 3 and [s.engine.weight_version for s in fresh] == [3, 3]
         res = eng.generate(PROMPTS, GREEDY)
     for p, (c,) in zip(PROMPTS, res):
@@ -214,14 +214,16 @@ def test_launcher_runs_embedded_server_subprocess(llama):
 
 
 def test_sglang_absent_gives_clear_message(monkeypatch):
-    import ophsd.rollout.sglang as mod
+    import importlib.util
+
+    import ophsd.rollout.launcher as mod
 
     monkeypatch.setattr(mod, "sglang_available", lambda: False)
     with pytest.raises(EngineError, match="not installed.*--rollout-engine embedded"):
         ServerLauncher("/some/model", backend="sglang")
     from ophsd.rollout.weight_sync import serialize_for_sglang
 
-    if not mod.importlib.util.find_spec("sglang"):
+    if not importlib.util.find_spec("sglang"):
         with pytest.raises(ImportError, match="needs sglang"):
             serialize_for_sglang([("w", torch.zeros(1))])
 

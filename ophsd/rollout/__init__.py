@@ -14,7 +14,7 @@ __all__ = ["Completion", "Engine", "EngineError", "InvalidRequestError", "Sampli
 _LAZY = {
     "EmbeddedEngine": "ophsd.rollout.embedded",
     "SGLangEngine": "ophsd.rollout.sglang",
-    "ServerLauncher": "ophsd.rollout.sglang",
+    "ServerLauncher": "ophsd.rollout.launcher",
     "push_weights": "ophsd.rollout.weight_sync",
 }
 

@@ -256,7 +256,6 @@ class EmbeddedEngine(Engine):
         self._pause_count = 0
         self._released = False
         self._closed = False
-        self._abort_running: str | None = None
         self._stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_batch": 0,
                        "prompt_tokens": 0, "prefill_tokens": 0, "prefix_hit_tokens": 0}
         # prefix cache: used by the scheduler thread under _pc_lock (flush_cache takes it too)
@@ -459,13 +458,16 @@ class EmbeddedEngine(Engine):
         swap itself waits for the running batch to finish. On any problem nothing changes and
         :class:`EngineError` (:class:`InvalidRequestError` for bad names/shapes) is raised.
         """
-        staged = self._stage(named_tensors)
-        self.apply_staged(staged, version)
+        self.apply_staged(self.stage_weights(named_tensors), version)
 
     def _targets(self) -> dict[str, torch.Tensor]:
         return dict(self._model.state_dict(keep_vars=True))
 
-    def _stage(self, named_tensors) -> dict[str, torch.Tensor]:
+    def stage_weights(self, named_tensors) -> dict[str, torch.Tensor]:
+        """First half of :meth:`update_weights`: validate (name, shape, dtype kind, finite) and copy
+        every tensor to the engine's device/dtype while generation goes on; nothing changes yet.
+        Raises :class:`InvalidRequestError` (bad tensors) or :class:`EngineError` (unreadable
+        stream). Hand the result to :meth:`apply_staged`."""
         try:
             version_now = self._version
             targets = self._targets()
@@ -509,6 +511,8 @@ class EmbeddedEngine(Engine):
         return staged
 
     def apply_staged(self, staged: Mapping[str, torch.Tensor], version: int) -> None:
+        """Second half of :meth:`update_weights`: swap staged tensors in between batches, flush the
+        prefix cache and serve ``version``."""
         version = int(version)
         targets = self._targets()
         with self.paused():
@@ -891,8 +895,8 @@ class EmbeddedEngine(Engine):
         tokens_l, lps_l = tokens.tolist(), lps.tolist()
         keep, done = [], []
         for i, s in enumerate(running):
-            if s.aborted or self._abort_running:
-                s.finish = {"type": "abort", "message": s.aborted or self._abort_running}
+            if s.aborted:
+                s.finish = {"type": "abort", "message": s.aborted}
             else:
                 s.out.append(tokens_l[i])
                 s.logprobs.append(lps_l[i])

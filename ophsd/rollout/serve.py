@@ -262,7 +262,7 @@ class EmbeddedServer:
             raise InvalidRequestError("/update_weights_from_disk: 'model_path' (a directory of .safetensors) is required")
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise InvalidRequestError("/update_weights_from_disk: load_format must be auto or safetensors")
-        return self._apply_update(body, lambda: self.engine._stage(load_safetensors_dir(path)), "update_weights_from_disk")
+        return self._apply_update(body, lambda: self.engine.stage_weights(load_safetensors_dir(path)), "update_weights_from_disk")
 
     def update_from_tensor(self, body):
         from ophsd.rollout.weight_sync import EMBEDDED_TENSOR_FORMAT, deserialize_for_embedded
@@ -284,7 +284,7 @@ class EmbeddedServer:
                 tensors = deserialize_for_embedded(payload[0])
             except Exception as e:  # noqa: BLE001 - bad base64 / safetensors bytes
                 raise InvalidRequestError(f"cannot decode serialized_named_tensors: {e}") from e
-            return self.engine._stage(tensors)
+            return self.engine.stage_weights(tensors)
 
         return self._apply_update(body, staged, "update_weights_from_tensor")
 

@@ -1,15 +1,17 @@
-"""Streaming HF-named weights from the trainer into a generation engine.
+"""Streaming HF-named weights from the trainer into a generation engine: the codecs.
 
 The trainer side (``ophsd.models``) yields ``(hf_name, full_tensor)`` pairs -- TP shards
 gathered, PP stages visited, vocabulary padding removed. This module cuts that stream into
-size-bounded buckets and delivers it:
+size-bounded buckets and encodes them; it imports no engine. Every engine takes the stream
+through the one :meth:`Engine.update_weights(named_tensors, version) <ophsd.rollout.base.Engine.update_weights>`:
 
 * :class:`~ophsd.rollout.embedded.EmbeddedEngine` (in process): tensors are validated and
   staged as they arrive, then swapped in atomically between batches.
-* a server (embedded or SGLang) through :class:`~ophsd.rollout.sglang.SGLangEngine`:
-  ``method="disk"`` writes one safetensors shard per bucket into a temporary directory and
-  makes one ``/update_weights_from_disk`` call (atomic on the embedded server);
-  ``method="tensor"`` posts one ``/update_weights_from_tensor`` per bucket between
+* a server (embedded or SGLang) through :class:`~ophsd.rollout.sglang.SGLangEngine`, with the
+  transport chosen when that client is constructed (:mod:`ophsd.rollout.weight_updaters`):
+  ``weight_sync="disk"`` writes one safetensors shard per bucket into a temporary directory
+  and makes one ``/update_weights_from_disk`` call (atomic on the embedded server);
+  ``weight_sync="tensor"`` posts one ``/update_weights_from_tensor`` per bucket between
   ``/pause_generation`` and ``/continue_generation`` (SGLang's colocated path; the embedded
   server accepts ``load_format="ophsd_safetensors_b64"``).
 
@@ -128,20 +130,12 @@ def serialize_for_sglang(bucket, tp_size: int = 1) -> list[str]:
     return [data] * tp_size
 
 
-def push_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **kwargs) -> None:
+def push_weights(engine, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
     """Send a stream of HF-named full tensors to ``engine`` as weight ``version``.
 
-    Any :class:`~ophsd.rollout.base.Engine` works: engines that know buckets (the HTTP client)
-    take ``bucket_bytes`` and ``method``; the in-process engine stages tensors as they come.
+    Any :class:`~ophsd.rollout.base.Engine` works, through its ``update_weights``: how the
+    tensors travel (buckets, disk or tensor calls) is the engine's, fixed when it was built.
     Raises :class:`~ophsd.rollout.base.EngineError` on failure with the old weights kept where
-    the engine can guarantee it (embedded engine, embedded server with ``method="disk"``).
+    the engine can guarantee it (embedded engine, embedded server with ``weight_sync="disk"``).
     """
-    from ophsd.rollout.sglang import SGLangEngine
-
-    if isinstance(engine, SGLangEngine):
-        engine.update_weights(named_tensors, version, bucket_bytes=bucket_bytes, **kwargs)
-    else:
-        if kwargs:
-            raise TypeError(f"{type(engine).__name__}.update_weights takes no options {sorted(kwargs)}")
-        engine.update_weights(named_tensors, version)
+    engine.update_weights(named_tensors, version)

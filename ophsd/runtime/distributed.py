@@ -14,24 +14,28 @@ import torch.distributed as dist
 from ophsd.runtime import cpu_shim
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (for MASTER_PORT, servers, tests)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def is_rank0() -> bool:
+    """True on global rank 0 of the initialised process group."""
+    return dist.get_rank() == 0
+
+
+def log_rank0(msg: str, prefix: str = "ophsd") -> None:
+    """Print ``[prefix] msg`` on rank 0 only."""
+    if is_rank0():
+        print(f"[{prefix}] {msg}", flush=True)
 
 
 def comm_device() -> torch.device:
     """Where model inputs and small collective tensors live: the current CUDA device under NCCL
     (which rejects CPU tensors), the CPU under gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> None:
@@ -44,7 +48,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python` run: a group of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

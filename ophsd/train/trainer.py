@@ -346,7 +346,7 @@ class Trainer:
         if a.rollout_engine == "sglang":
             from ophsd.rollout.sglang import SGLangEngine
 
-            self.engine = SGLangEngine(a.sglang_url, weights_dir=a.weight_sync_dir)
+            self.engine = SGLangEngine(a.sglang_url, weight_sync=a.weight_sync, weights_dir=a.weight_sync_dir)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -404,8 +404,7 @@ class Trainer:
         if _rank0() and self.engine is not None:
             from ophsd.rollout.weight_sync import push_weights
 
-            opts = {"method": self.args.weight_sync} if self.args.rollout_engine == "sglang" else {}
-            push_weights(self.engine, ((n, t.float()) for n, t in tensors), version, **opts)
+            push_weights(self.engine, ((n, t.float()) for n, t in tensors), version)
         dist.barrier()
         return time.perf_counter() - t0
 
