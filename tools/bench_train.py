@@ -435,14 +435,15 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
 
 
 def _rank0() -> bool:
-    import torch.distributed as dist
+    from ophsd.runtime.distributed import is_rank0  # torch is imported once a run starts, not for --help
 
-    return dist.get_rank() == 0
+    return is_rank0()
 
 
 def _log(msg: str) -> None:
-    if _rank0():
-        print(f"[bench_train] {msg}", flush=True)
+    from ophsd.runtime.distributed import log_rank0
+
+    log_rank0(msg, prefix="bench_train")
 
 
 def _max_over_ranks(values: list[float], device) -> list[float]:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ophsd.runtime.distributed import comm_device
+from ophsd.runtime.distributed import is_rank0 as _rank0
+from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train import step
 from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, layout_stats, pack
 
@@ -31,19 +33,10 @@ class TrainingError(RuntimeError):
     """The run cannot continue (a whole batch failed repeatedly, ...); a checkpoint was attempted."""
 
 
-def _rank0() -> bool:
-    return dist.get_rank() == 0
-
-
 def _broadcast(obj):
     box = [obj if _rank0() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _log(msg: str) -> None:
-    if _rank0():
-        print(f"[ophsd] {msg}", flush=True)
 
 
 def rollout_seed(run_seed: int, step: int, position: int) -> int:
