@@ -125,3 +125,30 @@ def test_limits_are_flags(served, tiny_model_dir):
         assert status == 413 and "limit of 200 bytes (--max-body-bytes)" in m
     finally:
         srv.shutdown()
+
+
+def test_a_stalled_body_is_cut_off_after_the_read_timeout(served):
+    """A client that announces 100 body bytes and sends 10 gets a 408 naming --read-timeout after
+    the timeout, its connection is closed, and the server still serves."""
+    import json
+    import socket
+
+    srv = EmbeddedServer(served.engine, limits=ServerLimits(read_timeout_s=1)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n" + b'{"text": "a')
+            t0 = time.monotonic()
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            waited = time.monotonic() - t0
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") or head.startswith(b"HTTP/1.0 408"), head
+        assert "not received within 1 s (--read-timeout)" in json.loads(body)["message"]
+        assert 0.5 < waited < 8
+        status, out = fz.send(srv.port, fz.Case("ok", body={"input_ids": [1, 2, 3],
+                                                            "sampling_params": {"max_new_tokens": 2, "temperature": 0}}))
+        assert status == 200 and len(out["output_ids"]) == 2
+    finally:
+        srv.shutdown()

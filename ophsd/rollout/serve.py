@@ -50,6 +50,9 @@ class ServerLimits:
     max_body_bytes: int = 8 << 20
     max_weight_update_bytes: int = 2 << 30
     max_json_depth: int = 32
+    # Seconds a connection may stall while the server reads a request (headers, body): a client that
+    # announces more bytes than it sends must not hold a thread forever.
+    read_timeout_s: int = 60
 
     def __post_init__(self):
         for k, v in vars(self).items():
@@ -91,7 +94,7 @@ class EmbeddedServer:
                  limits: ServerLimits | None = None):
         self.engine = engine
         self.limits = limits or ServerLimits()
-        handler = type("Handler", (_Handler,), {"server_ref": self})
+        handler = type("Handler", (_Handler,), {"server_ref": self, "timeout": self.limits.read_timeout_s})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
@@ -331,7 +334,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the body is not read
                 raise _HTTPError(413, f"request body of {n} bytes is larger than the server's limit of {limit} "
                                       f"bytes ({flag})")
-            raw = self.rfile.read(n)
+            try:
+                raw = self.rfile.read(n)
+            except TimeoutError:
+                self.close_connection = True
+                raise _HTTPError(408, f"request body of {n} bytes not received within {lim.read_timeout_s} s "
+                                      "(--read-timeout)") from None
+            if len(raw) < n:
+                self.close_connection = True
+                raise _HTTPError(400, f"request body ended after {len(raw)} of the {n} bytes of its Content-Length")
         self._consumed = True
         if not raw.strip():
             if required:
@@ -513,13 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest /update_weights_from_tensor body (default: %(default)s = 2 GiB)")
     g.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
                    help="deepest nesting of JSON arrays/objects in a body (default: %(default)s)")
+    g.add_argument("--read-timeout", type=int, default=d.read_timeout_s,
+                   help="seconds a connection may stall while its request is read; then it is closed "
+                        "(default: %(default)s)")
     return p
 
 
 def limits_from_args(args) -> ServerLimits:
     return ServerLimits(max_n=args.max_n, max_sequences=args.max_sequences, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                        max_weight_update_bytes=args.max_weight_update_bytes, max_json_depth=args.max_json_depth)
+                        max_weight_update_bytes=args.max_weight_update_bytes, max_json_depth=args.max_json_depth,
+                        read_timeout_s=args.read_timeout)
 
 
 def main(argv=None) -> int:
