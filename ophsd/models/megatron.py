@@ -116,6 +116,14 @@ def head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def _mapped_features(spec: ModelSpec) -> dict:
+    """Which optional parameters (QKV bias, QK-norm) the architecture has: read from its
+    HF <-> Megatron mapping registry (:data:`ophsd.models.mapping.ARCHITECTURES`)."""
+    from ophsd.models.mapping import model_features
+
+    return model_features(spec)
+
+
 def transformer_config(spec: ModelSpec, params_dtype: torch.dtype = torch.float32, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -133,8 +141,7 @@ def transformer_config(spec: ModelSpec, params_dtype: torch.dtype = torch.float3
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=spec.arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-        qk_layernorm=spec.arch == "qwen3",
+        **_mapped_features(spec),  # add_qkv_bias, qk_layernorm: the parameters the mapping registry has
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=spec.tp,
@@ -219,7 +226,7 @@ def layer_spec(spec: ModelSpec, use_te: bool | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
     use_te = te_available() if use_te is None else use_te
-    qk = spec.arch == "qwen3"
+    qk = _mapped_features(spec)["qk_layernorm"]
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
     layer = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk, normalization="RMSNorm")
