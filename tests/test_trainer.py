@@ -1,6 +1,7 @@
 """The OPHSD trainer: flags, pair alignment, TP/PP step equivalence, learning, teacher modes, resume."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -326,7 +327,7 @@ def test_training_through_sglang_api_server(tiny_model_dir, tmp_path, weight_syn
 
 
 def test_bad_data_fails_before_the_model_on_every_rank(tiny_model_dir, tmp_path):
-    """A data file with no usable rows: every rank exits 1 with the file:line reason (rank 0 reads
+    """A data file with no usable rows: every rank exits 2 (a usage error) with the file:line reason (rank 0 reads
     the data and broadcasts the verdict, so no rank waits in a collective)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?"}\nnot json\n')
@@ -335,7 +336,7 @@ def test_bad_data_fails_before_the_model_on_every_rank(tiny_model_dir, tmp_path)
                         "--model", str(tiny_model_dir("llama")), "--task", "gsm8k", "--data", str(bad),
                         "--pipeline-model-parallel-size", "2", "--rollout-batch-size", "2", "--micro-batch-size", "2",
                         "--skip-eval"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode != 0 and re.search(r"exitcode\s*: 2\b", r.stderr), r.stderr[-1500:]  # torchrun exits 1, the ranks 2
     assert r.stderr.count(f"ophsd train: error: {bad}: no usable rows") == 2, r.stderr[-3000:]
     assert f"{bad}:1: missing field 'answer'" in r.stderr
     assert "Traceback" not in r.stderr.split("ophsd train: error")[0]

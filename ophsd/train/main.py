@@ -24,12 +24,16 @@ def main(argv=None) -> int:
     from ophsd.models.checkpoint import CheckpointError
     from ophsd.models.hub import ModelNotFoundError
     from ophsd.runtime import distributed
+    from ophsd.tasks.base import TaskDataError
     from ophsd.train.trainer import Trainer, TrainingError
 
     trainer = None
     try:
         trainer = Trainer(args)
         return trainer.run()
+    except TaskDataError as e:  # a bad data file: a usage error
+        print(f"ophsd train: error: {e}", file=sys.stderr)
+        return 2
     except (ModelNotFoundError, CheckpointError, TrainingError, ValueError) as e:
         print(f"ophsd train: error: {e}", file=sys.stderr)
         return 1

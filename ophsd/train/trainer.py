@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ophsd.runtime.distributed import comm_device
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.tasks.base import TaskDataError
 from ophsd.train import step
 from ophsd.train.pairs import MicroBatch, Sample, filter_pairs, layout_stats, pack
 
@@ -319,8 +320,8 @@ class Trainer:
             except (ValueError, TrainingError) as e:  # TaskDataError is a ValueError
                 error = str(e)
         error = _broadcast(error)
-        if error:
-            raise TrainingError(error)
+        if error:  # a bad --data/--eval-data file: the user's to fix (exit 2 in main)
+            raise TaskDataError(error)
 
     def _build_generation(self):
         """Rank 0 owns the engine, the harness and the data stream."""

@@ -68,7 +68,7 @@ def cases(tmp: str | os.PathLike) -> list[InputCase]:
         InputCase("--save under a file", "train", ["--save", f"{afile}/run"], f"--save {afile}/run: {afile} is not a directory"),
         InputCase("trainer: deeply nested JSON data", "train",
                   ["--task", "gsm8k", "--data", deep_json, "--skip-eval", "--model", "/nonexistent-model"],
-                  f"{deep_json}: cannot parse the JSON (nested too deeply)", code=1, in_process=False),
+                  f"{deep_json}: cannot parse the JSON (nested too deeply)", code=2, in_process=False),
         InputCase("eval: binary data", "eval", ["--task", "gsm8k", "--data", garbage_bin], f"{garbage_bin}: not UTF-8 text"),
         InputCase("eval: text that is not JSON", "eval",
                   ["--task", "gsm8k", "--data", _write(t / "text.jsonl", "hello\nworld\n")], "no usable rows"),
