@@ -47,7 +47,7 @@ if [ "$STEP" = tests ] || [ "$STEP" = all ]; then
   tail -25 "$OUT/tests.log"; echo "kernel tests rc=$rc"
 fi
 if [ "$STEP" = headline ]; then
-  H=(-m ophsd_kernels.benchmark --tokens 16384 --vocab 151936 --dtype bf16 --kinds reverse_kl,jsd
+  H=(tools/bench_kernel.py --tokens 16384 --vocab 151936 --dtype bf16 --kinds reverse_kl,jsd
      --tp-sim --out "$OUT" --tag headline)
   timeout -k 10 "${HEADLINE_TIMEOUT:-150}" $PY "${H[@]}" --modes fwd,fwd+bwd \
     --impls ours,torch_chunked,liger_jsd,liger_jsd_fp32,liger_jsd_kernel "${DEV_ARGS[@]}" "$@" > "$OUT/bench.log" 2>&1 || rc=$?
@@ -59,12 +59,12 @@ if [ "$STEP" = headline ]; then
   grep -A 40 "^impl " "$OUT/bench.log" | tail -40
 fi
 if [ "$STEP" = sweep ] || [ "$STEP" = all ]; then
-  timeout -k 10 "${SWEEP_TIMEOUT:-240}" $PY -m ophsd_kernels.benchmark --sweep --tokens 16384 --vocab 151936 --rep-ms 100 \
+  timeout -k 10 "${SWEEP_TIMEOUT:-240}" $PY tools/bench_kernel.py --sweep --tokens 16384 --vocab 151936 --rep-ms 100 \
     --out "$OUT" "$@" > "$OUT/sweep.log" 2>&1 || rc=$?
   tail -8 "$OUT/sweep.log"
 fi
 if [ "$STEP" = table ] || [ "$STEP" = all ]; then
-  timeout -k 10 "${TABLE_TIMEOUT:-420}" $PY -m ophsd_kernels.benchmark --out "$OUT" "${DEV_ARGS[@]}" "$@" \
+  timeout -k 10 "${TABLE_TIMEOUT:-420}" $PY tools/bench_kernel.py --out "$OUT" "${DEV_ARGS[@]}" "$@" \
     > "$OUT/table.log" 2>&1 || rc=$?
   tail -80 "$OUT/table.log"
 fi

@@ -1,6 +1,6 @@
 """The Triton divergence kernels compile for Hopper (sm_90) on any machine, GPU or not.
 
-Runs ``python -m ophsd_kernels.bench_aot --check`` in a subprocess with TRITON_INTERPRET
+Runs ``python tools/bench_aot.py --check`` in a subprocess with TRITON_INTERPRET
 unset (the other divergence tests set it on CPU-only machines): every kernel x kind in bf16,
 the default launch parameters, compiled by Triton's bundled ptxas into a real sm_90 cubin,
 with no register spills and 16-byte global loads/stores. This catches what the interpreter
@@ -15,8 +15,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+SCRIPT = TOOLS / "bench_aot.py"
+sys.path.insert(0, str(TOOLS))  # tools/ is not a package; bench_aot imports triton lazily
 
 
 def _nvidia_backend_present():
@@ -33,14 +38,14 @@ def _nvidia_backend_present():
                     reason="triton's NVIDIA backend tools (ptxas, cuobjdump, nvdisasm) are missing")
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "ophsd_kernels.bench_aot", "--check", "--dtypes", "bf16"],
+    r = subprocess.run([sys.executable, str(SCRIPT), "--check", "--dtypes", "bf16"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"sm_90 compile check failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     assert "compiled 7 kernel variants" in r.stdout, r.stdout[-2000:]
 
 
 def test_log_clamp_report_reads_ptx():
-    from ophsd_kernels.bench_aot import log_clamp_report
+    from bench_aot import log_clamp_report
 
     clamped = """
 \tfma.rn.f32 \t%r153, %r6, %r105, %r137;
@@ -66,10 +71,10 @@ def test_log_clamp_report_reads_ptx():
 def test_compiled_jsd_log_takes_the_clamped_mixture(tmp_path):
     """Compile the JSD phase-B and gradient kernels for sm_90 (bf16, fp32) and read the PTX:
     the lg2 of the mixture is there, flush-to-zero, and each one's operand is max(m, 2^-126)."""
-    from ophsd_kernels.bench_aot import SMALLEST_NORMAL_PTX, log_clamp_report
+    from bench_aot import SMALLEST_NORMAL_PTX, log_clamp_report
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "ophsd_kernels.bench_aot", "--check", "--kinds", "jsd",
+    r = subprocess.run([sys.executable, str(SCRIPT), "--check", "--kinds", "jsd",
                         "--kernels", "jsd,grad", "--dtypes", "bf16,fp32", "--dump-ptx",
                         str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"sm_90 JSD compile/clamp check failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

@@ -1,22 +1,25 @@
-"""kernels/benchmark.py on CPU: every row is checked against ours before it is timed.
+"""tools/bench_kernel.py on CPU: every row is checked against ours before it is timed.
 
 A row that computes another function (log-probabilities rounded to bf16, the gradient w.r.t.
 log-probabilities instead of logits, a wrong beta) must be labelled ``no (why)`` in the
 ``equivalent`` column; the chunked-PyTorch row, which computes our function, ``yes``. The
 Liger rows need CUDA; their situations are reproduced here with a pure-PyTorch JSD on
 log-probabilities (Liger's formula: beta weights the teacher, beta=1 is reverse KL, beta=0
-forward KL, mean over rows). Tolerances: ``benchmark.LOSS_RTOL`` / ``GRAD_RTOL`` (their
+forward KL, mean over rows). Tolerances: ``bench_kernel.LOSS_RTOL`` / ``GRAD_RTOL`` (their
 comment says why).
 """
 from __future__ import annotations
 
 import csv
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ophsd_kernels import benchmark as bm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_kernel as bm  # noqa: E402  (tools/ is not a package)
 
 
 def logprob_jsd(log_q, log_p, beta):

@@ -66,7 +66,8 @@ kernels() {
   stage "headline benchmark rc=$rc ($((SECONDS - t0)) s)"
   $PY - "$OUT/bench_headline.csv" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import sys
-from ophsd_kernels.benchmark import load_csv
+sys.path.insert(0, "tools")
+from bench_kernel import load_csv
 rows, meta = load_csv(sys.argv[1])
 print(f"device {meta.get('device_name')}: copy {float(meta.get('copy_tbps', 'nan')):.2f} TB/s (read+write), "
       f"read-only {float(meta.get('read_tbps', 'nan')):.2f} TB/s; liger {meta.get('liger')}")

@@ -1,9 +1,9 @@
 """Benchmark of the fused divergence kernel against the usual ways of computing it.
 
-    python -m ophsd_kernels.benchmark                       # GPU: full table (bf16)
-    python -m ophsd_kernels.benchmark --device cpu          # CPU: C++ vs PyTorch, N=4096 V=32768 fp32
-    python -m ophsd_kernels.benchmark --sweep               # GPU: launch-parameter sweep per kernel
-    torchrun --nproc-per-node 8 -m ophsd_kernels.benchmark --tp --tokens 16384 --vocab 151936
+    python tools/bench_kernel.py                            # GPU: full table (bf16)
+    python tools/bench_kernel.py --device cpu               # CPU: C++ vs PyTorch, N=4096 V=32768 fp32
+    python tools/bench_kernel.py --sweep                    # GPU: launch-parameter sweep per kernel
+    torchrun --nproc-per-node 8 tools/bench_kernel.py --tp --tokens 16384 --vocab 151936
 
 Implementations compared (same inputs, same loss definition, ``mean`` over tokens):
 
@@ -36,7 +36,8 @@ bandwidth = model bytes / time, two floors: model bytes / measured device copy b
 measured read-only bandwidth (``floor_read_ms``, a large reduction that reads its input once;
 the model's bytes are mostly reads), and peak extra memory (beyond the inputs and, for fwd+bwd, the gradient itself; CUDA:
 ``max_memory_allocated``; CPU: sampled in-use heap growth, coarse). Writes CSV (+ PNG when
-matplotlib imports) under ``--out``.
+matplotlib imports) under ``--out`` (default ``kernels/bench_results``). Results and notes:
+``kernels/BENCHMARKS.md``.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from ophsd_kernels import divergence as dv
 from ophsd_kernels import vocab_parallel_divergence
 
+REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -786,7 +789,7 @@ def main(argv=None):
                    help="rows on which each row's loss/gradient is checked against ours before "
                         "timing (0: no check); 2048 = torch_chunked's chunk, so torch.compile "
                         "reuses its graph")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_results"))
+    p.add_argument("--out", default=str(REPO / "kernels" / "bench_results"))
     p.add_argument("--tag")
     p.add_argument("--append", action="store_true",
                    help="add the rows to an existing bench_TAG.csv (speed-ups recomputed over all)")

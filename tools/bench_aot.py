@@ -1,14 +1,14 @@
 """Compile the Triton divergence kernels for Hopper (sm_90) without a GPU; report resources.
 
-    python -m ophsd_kernels.bench_aot            # table: registers, spills, shared, SASS mix
-    python -m ophsd_kernels.bench_aot --check    # exit 1 on a compile error, spills or narrow loads
+    python tools/bench_aot.py            # table: registers, spills, shared, SASS mix
+    python tools/bench_aot.py --check    # exit 1 on a compile error, spills or narrow loads
 
 Triton's own ``ptxas`` and ``nvdisasm`` (shipped in the triton wheel) turn each kernel, for
 each kind/dtype and the launch parameters of :data:`ophsd_kernels.triton_divergence.CONFIG`,
 into a real sm_90 cubin. This checks what the interpreter cannot (the kernels compile, the
 loop-carried types agree, no register spills, 16-byte global accesses) and gives the static
 numbers that explain a profile (registers -> CTAs per SM, MUFU and barrier counts), all at no
-GPU time. It is not a timing: speed is measured by ``ophsd_kernels.benchmark`` on a GPU.
+GPU time. It is not a timing: speed is measured by ``tools/bench_kernel.py`` on a GPU.
 
 ``--check`` also reads each kernel's PTX: every ``lg2.approx`` (JSD's log of the mixture
 ``m``) must take a value clamped by ``max`` with the smallest normal fp32 (``0f00800000``),
