@@ -24,7 +24,6 @@ forwards, the rest: sampling and Python), and checks that both engines sampled t
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import platform
@@ -36,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, next to this file
+import bench_common as bc  # noqa: E402  (puts the repository root on sys.path too)
 
 QUESTIONS = [
     "What is 17 plus 25?",
@@ -90,15 +90,36 @@ BANKING77_MESSAGES = [
 
 
 def machine_description() -> str:
-    from ophsd.runtime.machine import cpu_name
-
-    cpu = cpu_name()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    dev = "no GPU"
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
-    return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-            f"{dev}; Python {platform.python_version()}; load average at start {load[0]:.1f}")
+    return (f"{bc.cpu_cores('; ')}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+            f"{bc.gpu_name(0) or 'no GPU'}; Python {platform.python_version()}; load average at start {load[0]:.1f}")
+
+
+def load_model(args):
+    """(model, tokenizer, torch dtype) of ``--model`` on ``--device``; prints the load time."""
+    from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
+    from ophsd.rollout.embedded import parse_dtype
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    t0 = time.time()
+    source = resolve_model(args.model)
+    model = load_hf_model(source, dtype).to(args.device)
+    tok = load_tokenizer(source)
+    machine = machine_description()
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine}", flush=True)
+    return model, tok, dtype, machine
+
+
+def write_results(out_dir, stem: str, rows: list[dict], md: list[str]) -> None:
+    """``<stem>.csv`` (one line per row) and ``<stem>.md`` under ``out_dir``; print the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bc.write_csv(out / f"{stem}.csv", rows)
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    bc.wrote(out / f"{stem}.csv", out / f"{stem}.md")
 
 
 def main(argv=None) -> int:
@@ -120,8 +141,7 @@ def main(argv=None) -> int:
                     "step of BANKING77 with the prefix cache off vs on")
     ap.add_argument("--no-draft", action="store_true", help="banking77: skip the harness-shaped follow-up calls")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    bc.offline()
     if args.preset == "banking77":
         args.dtype = args.dtype or "float32"
         args.repeats = args.repeats or 2
@@ -129,19 +149,11 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or "bfloat16"
     args.repeats = args.repeats or 3
 
-    from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
     from ophsd.rollout import SamplingParams
-    from ophsd.rollout.embedded import EmbeddedEngine, parse_dtype
+    from ophsd.rollout.embedded import EmbeddedEngine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype)
     conc = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    t0 = time.time()
-    source = resolve_model(args.model)
-    model = load_hf_model(source, dtype).to(args.device)
-    tok = load_tokenizer(source)
-    print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine_description()}", flush=True)
+    model, tok, dtype, _ = load_model(args)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
                for q in QUESTIONS]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
@@ -218,24 +230,15 @@ def main(argv=None) -> int:
                      "speedup": round(tps / base_tps, 2)})
     engine.close()
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_engine.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     md = [f"Model {args.model}, dtype {args.dtype}, device {args.device}, greedy, {n_new} new tokens per request "
           f"(EOS ignored). Machine: {machine_description()}. Greedy agreement engine (batched) vs HF up to the first EOS on "
           f"{len(check)} prompts: {agree}/{len(check)}.", "",
-          f"Best of {args.repeats} rounds per point (median in parentheses).", "",
-          "| mode | concurrent requests | seconds (best) | tokens/s best (median) | speedup vs one-at-a-time |",
-          "|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['mode']} | {r['concurrency']} | {r['seconds']} | {r['tokens_per_s']} "
-                  f"({r['tokens_per_s_median']}) | {r['speedup']}x |")
-    (out / "bench_engine.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    print(f"wrote {out / 'bench_engine.csv'} and {out / 'bench_engine.md'}")
+          f"Best of {args.repeats} rounds per point (median in parentheses).", ""]
+    md += bc.md_table(["mode", "concurrent requests", "seconds (best)", "tokens/s best (median)",
+                       "speedup vs one-at-a-time"],
+                      [[r["mode"], r["concurrency"], r["seconds"], f"{r['tokens_per_s']} ({r['tokens_per_s_median']})",
+                        f"{r['speedup']}x"] for r in rows])
+    write_results(args.out_dir, "bench_engine", rows, md)
     return 0
 
 
@@ -268,21 +271,12 @@ def _timed_engine(engine):
 
 
 def bench_banking77(args) -> int:
-    from ophsd.models.hub import load_hf_model, load_tokenizer, resolve_model
     from ophsd.rollout import SamplingParams
-    from ophsd.rollout.embedded import EmbeddedEngine, parse_dtype
+    from ophsd.rollout.embedded import EmbeddedEngine
     from ophsd.tasks import get_task
     from ophsd.tasks.base import Example
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype)
-    t0 = time.time()
-    source = resolve_model(args.model)
-    model = load_hf_model(source, dtype).to(args.device)
-    tok = load_tokenizer(source)
-    machine = machine_description()
-    print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine}", flush=True)
+    model, tok, dtype, machine = load_model(args)
     task = get_task("banking77", labels=BANKING77_LABELS)
     prompts = []
     for i, msg in enumerate(BANKING77_MESSAGES):
@@ -309,41 +303,31 @@ def bench_banking77(args) -> int:
         e.generate([warm], SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
         e.flush_cache()
 
-    def timed(eng, reqs):
-        w, c = time.perf_counter(), time.process_time()
-        out = [[f.result() for f in futs] for futs in eng.submit_many(reqs)]
-        return out, time.perf_counter() - w, time.process_time() - c
-
     rows, outputs = [], {}
+
+    def measure(rnd, name, phase, reqs):
+        """Run ``reqs`` on one engine; add its row (wall/CPU time, where it went, tokens); the outputs."""
+        eng = engines[name]
+        before, sp0 = eng.stats(), dict(spent[name])
+        with bc.Stopwatch() as sw:
+            res = [[f.result() for f in futs] for futs in eng.submit_many(reqs)]
+        st = eng.stats()
+        pre, dec = spent[name]["prefill"] - sp0["prefill"], spent[name]["decode"] - sp0["decode"]
+        row = {"round": rnd, "cache": name, "phase": phase, "seconds": round(sw.wall, 2),
+               "cpu_seconds": round(sw.cpu, 2), "prefill_s": round(pre, 2), "decode_fwd_s": round(dec, 2),
+               "other_s": round(sw.wall - pre - dec, 2),
+               "prefilled_tokens": st["prefill_tokens"] - before["prefill_tokens"],
+               "hit_tokens": st["prefix_hit_tokens"] - before["prefix_hit_tokens"]}
+        rows.append(row)
+        print(row, flush=True)
+        return res
+
     for r in range(args.repeats):
         for name in (["off", "on"] if r % 2 == 0 else ["on", "off"]):  # alternate who goes first
-            eng = engines[name]
-            eng.flush_cache()  # every round starts cold, as after a weight update
-            before = eng.stats()
-            sp0 = dict(spent[name])
-            res, wall, cpu = timed(eng, rollout)
-            st = eng.stats()
-            pre, dec = spent[name]["prefill"] - sp0["prefill"], spent[name]["decode"] - sp0["decode"]
-            row = {"round": r + 1, "cache": name, "phase": "rollout 8x2", "seconds": round(wall, 2),
-                   "cpu_seconds": round(cpu, 2), "prefill_s": round(pre, 2), "decode_fwd_s": round(dec, 2),
-                   "other_s": round(wall - pre - dec, 2),
-                   "prefilled_tokens": st["prefill_tokens"] - before["prefill_tokens"],
-                   "hit_tokens": st["prefix_hit_tokens"] - before["prefix_hit_tokens"]}
-            rows.append(row)
-            outputs[name] = res
-            print(row, flush=True)
+            engines[name].flush_cache()  # every round starts cold, as after a weight update
+            outputs[name] = measure(r + 1, name, "rollout 8x2", rollout)
             if not args.no_draft:
-                before, sp0 = eng.stats(), dict(spent[name])
-                _, wall, cpu = timed(eng, draft)
-                st = eng.stats()
-                pre, dec = spent[name]["prefill"] - sp0["prefill"], spent[name]["decode"] - sp0["decode"]
-                row = {"round": r + 1, "cache": name, "phase": "then 8 draft calls", "seconds": round(wall, 2),
-                       "cpu_seconds": round(cpu, 2), "prefill_s": round(pre, 2), "decode_fwd_s": round(dec, 2),
-                       "other_s": round(wall - pre - dec, 2),
-                       "prefilled_tokens": st["prefill_tokens"] - before["prefill_tokens"],
-                       "hit_tokens": st["prefix_hit_tokens"] - before["prefix_hit_tokens"]}
-                rows.append(row)
-                print(row, flush=True)
+                measure(r + 1, name, "then 8 draft calls", draft)
     same = sum(a.output_ids == b.output_ids for ga, gb in zip(outputs["off"], outputs["on"]) for a, b in zip(ga, gb))
     lp_diff = max(max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs))
                   for ga, gb in zip(outputs["off"], outputs["on"]) for a, b in zip(ga, gb))
@@ -353,22 +337,12 @@ def bench_banking77(args) -> int:
     def best(cache, phase):
         return min((x for x in rows if x["cache"] == cache and x["phase"] == phase), key=lambda x: x["seconds"])
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_engine_banking77.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     md = [f"BANKING77 rollout step, {args.model}, {args.dtype}, {args.device}: 8 prompts of {min(lens)}-{max(lens)} "
           f"tokens ({shared} shared), n=2, {n_new} new tokens, temperature 1, fixed seeds. Machine: {machine}.",
           f"Sampled tokens identical with and without the cache: {same}/16; largest log-probability difference "
-          f"{lp_diff:.2e}.", "",
-          "| round | prefix cache | phase | wall s | CPU s | prefill s | decode fwd s | other s | prefilled tokens "
-          "| cache-hit tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in rows:
-        md.append(f"| {x['round']} | {x['cache']} | {x['phase']} | {x['seconds']} | {x['cpu_seconds']} | "
-                  f"{x['prefill_s']} | {x['decode_fwd_s']} | {x['other_s']} | {x['prefilled_tokens']} | "
-                  f"{x['hit_tokens']} |")
+          f"{lp_diff:.2e}.", ""]
+    md += bc.md_table(["round", "prefix cache", "phase", "wall s", "CPU s", "prefill s", "decode fwd s", "other s",
+                       "prefilled tokens", "cache-hit tokens"], [list(x.values()) for x in rows])
     md.append("")
     phases = ["rollout 8x2"] + ([] if args.no_draft else ["then 8 draft calls"])
     for ph in phases:
@@ -378,9 +352,7 @@ def bench_banking77(args) -> int:
                       f"{a['seconds'] / b['seconds']:.1f}x" for a, b in zip(
                           [x for x in rows if x["cache"] == "off" and x["phase"] == ph],
                           [x for x in rows if x["cache"] == "on" and x["phase"] == ph])))
-    (out / "bench_engine_banking77.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    print(f"wrote {out / 'bench_engine_banking77.csv'} and {out / 'bench_engine_banking77.md'}")
+    write_results(args.out_dir, "bench_engine_banking77", rows, md)
     return 0
 
 

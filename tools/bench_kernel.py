@@ -50,7 +50,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,7 +60,9 @@ import torch.nn.functional as F
 from ophsd_kernels import divergence as dv
 from ophsd_kernels import vocab_parallel_divergence
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, next to this file
+import bench_common as bc  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -293,11 +295,10 @@ def time_fn(fn: Callable, device, rep_ms=200, warmup_ms=50, grad_to_none=None, c
         if grad_to_none:
             for x in grad_to_none:
                 x.grad = None
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-        cs.append((time.process_time() - c0) * 1e3)
+        with bc.Stopwatch() as sw:
+            fn()
+        ts.append(sw.wall * 1e3)
+        cs.append(sw.cpu * 1e3)
     ts.sort()
     return (statistics.median(ts), ts[len(ts) // 5], ts[min(len(ts) - 1, (4 * len(ts)) // 5)],
             statistics.median(cs))
@@ -423,8 +424,7 @@ def bench_one(impl, kind, n, v, dtype, mode, device, copy_bw, args, tp_sim=1, li
             s.requires_grad_(True)
         run = make_case(impl, kind, s, t, args.beta, args.temperature, mode, backend, liger)
         run()  # compile / warm up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        bc.sync(device)
         grad_bytes = n * v * elem if mode == "fwd+bwd" else 0
         s.grad = None
         peak = peak_extra_bytes(run, device, grad_bytes)
@@ -471,7 +471,7 @@ def run_table(args, device, on_row=None):
     rows = []
     copy_bw = copy_bandwidth(device)
     read_bw = read_bandwidth(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = bc.gpu_name(device) or "cpu"
     log(f"device: {name}; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s (read+write), "
         f"read-only bandwidth {read_bw / 1e12:.3f} TB/s; "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
@@ -550,7 +550,7 @@ def run_sweep(args, device):
     from ophsd_kernels import triton_divergence as td
 
     copy_bw = copy_bandwidth(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = bc.gpu_name(device) or "cpu"
     print(f"device {name}; copy {copy_bw / 1e12:.3f} TB/s")
     n, v = args.n[-1], args.v[-1]
     dt = DTYPES[args.dtype]
@@ -638,13 +638,11 @@ def run_tp(args):
                 times = []
                 for _ in range(args.tp_iters):
                     dist.barrier()
-                    if use_cuda:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    step()
-                    if use_cuda:
-                        torch.cuda.synchronize()
-                    times.append((time.perf_counter() - t0) * 1e3)
+                    bc.sync(device)
+                    with bc.Stopwatch() as sw:
+                        step()
+                        bc.sync(device)
+                    times.append(sw.wall * 1e3)
                 med = torch.tensor([statistics.median(times)], device=device)
                 all_med = [torch.zeros_like(med) for _ in range(world)]
                 dist.all_gather(all_med, med)
@@ -711,14 +709,7 @@ def load_csv(path):
 
 def write_csv(rows, meta, path):
     """Write ``rows`` (metadata as ``# key: value`` lines first) atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write("".join(f"# {k}: {v}\n" for k, v in meta.items()))
-        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
-    os.replace(tmp, path)
+    bc.write_csv(path, rows, fieldnames=list(Row.__dataclass_fields__), meta=meta)
 
 
 def save(rows, meta, out_dir, tag, write_csv_file=True):
@@ -789,7 +780,7 @@ def main(argv=None):
                    help="rows on which each row's loss/gradient is checked against ours before "
                         "timing (0: no check); 2048 = torch_chunked's chunk, so torch.compile "
                         "reuses its graph")
-    p.add_argument("--out", default=str(REPO / "kernels" / "bench_results"))
+    p.add_argument("--out", default=str(bc.REPO / "kernels" / "bench_results"))
     p.add_argument("--tag")
     p.add_argument("--append", action="store_true",
                    help="add the rows to an existing bench_TAG.csv (speed-ups recomputed over all)")
@@ -820,15 +811,13 @@ def main(argv=None):
         res = run_tp(args)
         if res:  # rank 0
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"{args.tag or 'tp'}.json"), "w") as f:
-                json.dump(res, f, indent=1)
+            bc.write_json(os.path.join(args.out, f"{args.tag or 'tp'}.json"), res)
         return 0
     tag = args.tag or ("sweep" if args.sweep else device.type)
     if args.sweep:
         rows, meta = run_sweep(args, device)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        bc.write_json(os.path.join(args.out, f"{tag}.json"), {"meta": meta, "rows": rows})
         return 0
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_{tag}.csv")

@@ -20,11 +20,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, next to this file
+import bench_common as bc  # noqa: E402  (puts the repository root on sys.path too)
+
+REPO = bc.REPO
 DATA = REPO.parent / "shared" / "data"
 
 # The measured configuration (SmolLM2-135M, fp32, one rank): 8 prompts x 2 samples,
@@ -52,13 +53,12 @@ def _worktree(ref: str) -> Path:
 def _run(name: str, root: Path, flags: list[str], run_dir: Path, log) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(root), **bc.OFFLINE_ENV)
     cmd = [sys.executable, "-m", "ophsd.train", *flags, "--save", str(run_dir), "--skip-eval", "--no-tensorboard"]
     log(f"[bench_step] {name}: {' '.join(cmd)}  (code: {root})")
-    t0 = time.perf_counter()
-    with open(run_dir.parent / f"{name}.log", "w") as fh:
+    with open(run_dir.parent / f"{name}.log", "w") as fh, bc.Stopwatch() as sw:
         r = subprocess.run(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
+    wall = sw.wall
     if r.returncode != 0:
         raise SystemExit(f"bench_step: {name} failed (exit {r.returncode}); see {run_dir.parent / f'{name}.log'}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -90,8 +90,6 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 1")
     if not DATA.is_dir():
         p.error(f"the presets read ../shared/data ({DATA}): not found")
-    from ophsd.runtime.machine import cpu_name
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     flags = PRESETS[a.preset] + ["--train-iters", str(a.steps)]
@@ -104,23 +102,24 @@ def main(argv=None) -> int:
     base = summ[0]
     for s in summ:
         s["speedup"] = base["time/step"] / s["time/step"]
-    machine = f"{cpu_name()}, {os.cpu_count()} logical cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    machine = f"{bc.cpu_cores()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
     meta = {"preset": a.preset, "flags": flags, "extra": a.extra, "steps": a.steps, "machine": machine,
             "loadavg_1_5_15": list(os.getloadavg())}
-    (out / "bench_step.json").write_text(json.dumps({"meta": meta, "results": summ}, indent=1) + "\n")
+    bc.write_json(out / "bench_step.json", {"meta": meta, "results": summ})
     cols = ["variant", "step s (median)", "per step s", "rollout s", "harness s", "teacher fwd s",
             "student fwd+bwd s", "sync s", "student / teacher positions per loss token", "loss tokens",
             "speed-up"]
-    lines = [f"{a.preset}, {a.steps} steps per variant, machine: {machine}. Flags: `{' '.join(flags)}`", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for s in summ:
         pos = (f"{s['student_positions_per_token']:.2f} / {s['teacher_positions_per_token']:.2f}"
                if "student_positions_per_token" in s else "-")
-        lines.append("| " + " | ".join([
+        rows.append([
             s["name"], f"{s['time/step']:.1f}", ", ".join(f"{x:.1f}" for x in s["per_step_s"]),
             f"{s['time/rollout']:.1f}", f"{s['time/harness']:.1f}", f"{s['time/teacher_forward']:.1f}",
             f"{s['time/student_fwd_bwd']:.1f}", f"{s['time/sync']:.1f}", pos, f"{s['tokens']:.0f}",
-            f"{s['speedup']:.2f}x"]) + " |")
+            f"{s['speedup']:.2f}x"])
+    lines = [f"{a.preset}, {a.steps} steps per variant, machine: {machine}. Flags: `{' '.join(flags)}`", ""]
+    lines += bc.md_table(cols, rows)
     (out / "bench_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

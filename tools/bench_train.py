@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -56,7 +54,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, next to this file
+import bench_common as bc  # noqa: E402  (puts the repository root on sys.path too)
 
 PRESETS = ("qwen3-1.7b", "smollm2-135m", "tiny")
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 dense tensor-core peak (989.4)
@@ -199,18 +198,10 @@ def train_step_flops(cfg, seq_len: int, tokens: int, teacher_seq_len: int | None
 def device_description() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} visible)"
-    from ophsd.runtime.machine import cpu_name
-
-    return f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads per rank"
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    gpu = bc.gpu_name()
+    if gpu is not None:
+        return f"{gpu} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} visible)"
+    return f"CPU: {bc.cpu_cores()}, {torch.get_num_threads()} torch threads per rank"
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -397,13 +388,6 @@ def make_microbatches(args, vocab: int, dp_rank: int, device, layout: str = "pad
 # ------------------------------------------------------------------------------------- step
 
 
-class Bench:
-    """What every backend's run shares: flags, model spec, device, dtype."""
-
-    def __init__(self, args, spec, device, dtype):
-        self.args, self.spec, self.device, self.dtype = args, spec, device, dtype
-
-
 def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend) -> tuple[float, list]:
     """One update through the trainer's own step code (``ophsd.train.step``), rollouts aside.
 
@@ -415,7 +399,7 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
     t0 = time.perf_counter()
     full = getattr(args, "_layout", "padded") == "full-logits"
     teacher_rows = step.teacher_response_logits(teacher, mbs, full_logits=full) if teacher is not None else fixed_teacher_rows
-    _sync()
+    bc.sync()
     t1 = time.perf_counter()
     per_token = step.divergence_loss(teacher_rows, kind=args.divergence, beta=args.beta,
                                      temperature=args.distill_temperature, vocab_size=spec.vocab_size,
@@ -423,13 +407,13 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
     model.zero_grad_buffer()
     optimizer.zero_grad()
     loss = step.student_pass(model, mbs, per_token, [mb.weights for mb in mbs], full_logits=full)["loss"]
-    _sync()
+    bc.sync()
     t2 = time.perf_counter()
     if not step.finite_everywhere(loss, module):
         raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {loss}); "
                          "the benchmark needs finite steps")
     optimizer.step()
-    _sync()
+    bc.sync()
     t3 = time.perf_counter()
     return loss, [t1 - t0, t2 - t1, t3 - t2]
 
@@ -455,18 +439,18 @@ def _max_over_ranks(values: list[float], device) -> list[float]:
     return t.cpu().tolist()
 
 
-def run_backend(bench: Bench, backend: str, init_state, teacher, mbs, fixed_rows) -> dict:
+def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, fixed_rows) -> dict:
+    """``a.warmup_steps`` + ``a.steps`` steps of a fresh student (``init_state``) and optimizer."""
     import torch
 
     from ophsd.models.megatron import build_model
     from ophsd.train.trainer import build_optimizer, wrap_ddp
 
-    a = bench.args
-    on_gpu = bench.device.type == "cuda"
+    on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    student = build_model(bench.spec, params_dtype=bench.dtype, perform_initialization=False)
+    student = build_model(spec, params_dtype=dtype, perform_initialization=False)
     student.load_state_dict(init_state)
     model = wrap_ddp(student, a.use_distributed_optimizer)
     opt_args = argparse.Namespace(optimizer=a.optimizer, lr=a.lr, min_lr=0.0, weight_decay=a.weight_decay,
@@ -484,11 +468,11 @@ def run_backend(bench: Bench, backend: str, init_state, teacher, mbs, fixed_rows
 
     for i in range(total):
         dist.barrier()
-        _sync()
-        c0, t0 = time.process_time(), time.perf_counter()
-        loss, ph = timed_step(model, student, optimizer, teacher, mbs, fixed_rows, a, bench.spec, backend)
-        _sync()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        bc.sync()
+        with bc.Stopwatch() as sw:
+            loss, ph = timed_step(model, student, optimizer, teacher, mbs, fixed_rows, a, spec, backend)
+            bc.sync()
+        wall, cpu = sw.wall, sw.cpu
         losses.append(loss)
         if i >= a.warmup_steps:
             walls.append(wall)
@@ -499,11 +483,11 @@ def run_backend(bench: Bench, backend: str, init_state, teacher, mbs, fixed_rows
             bar.update(1)
     if bar is not None:
         bar.close()
-    walls = _max_over_ranks(walls, bench.device if on_gpu else "cpu")
-    flat = _max_over_ranks([x for ph in phases for x in ph], bench.device if on_gpu else "cpu")
+    walls = _max_over_ranks(walls, device if on_gpu else "cpu")
+    flat = _max_over_ranks([x for ph in phases for x in ph], device if on_gpu else "cpu")
     phases = [flat[3 * i: 3 * i + 3] for i in range(len(walls))]
     if on_gpu:
-        peak = _max_over_ranks([float(torch.cuda.max_memory_allocated())], bench.device)[0]
+        peak = _max_over_ranks([float(torch.cuda.max_memory_allocated())], device)[0]
         mem = {"peak_memory_gib": peak / 2**30, "peak_memory_kind": "torch.cuda.max_memory_allocated, max over ranks"}
     else:
         rss = _max_over_ranks([float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024], "cpu")[0]
@@ -607,7 +591,6 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
          f"built in {time.perf_counter() - t0:.1f}s")
     from ophsd.train.pairs import layout_stats
 
-    bench = Bench(args, spec, device, dtype)
     results = []
     for layout in args.layouts:
         mbs = make_microbatches(args, spec.vocab_size, dp_rank, device, layout)
@@ -634,7 +617,7 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         args._layout = layout
         for backend in backends:
             _log(f"backend {backend}: {args.warmup_steps} warm-up + {args.steps} timed steps")
-            res = summarise(run_backend(bench, backend, init_state, teacher, mbs, fixed_rows), ctx)
+            res = summarise(run_backend(args, spec, device, dtype, backend, init_state, teacher, mbs, fixed_rows), ctx)
             res.update(layout=layout, num_microbatches=len(mbs), teacher_tokens_per_step=teacher_tokens,
                        student_positions_per_token=stats["layout/student_positions_per_token"],
                        teacher_positions_per_token=stats["layout/teacher_positions_per_token"])
@@ -671,7 +654,7 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         "shape": args.shape, "layouts": args.layouts, "max_tokens_per_micro_batch": args.max_tokens_per_micro_batch,
         "flops_per_step": flops, "tokens_per_step": tokens_per_step, "teacher_tokens_per_step": teacher_tokens,
         "first_loss_max_rel_diff": loss_rel,
-        "versions": _versions(), "loadavg_1_5_15": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+        "versions": bc.versions(), "loadavg_1_5_15": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
     if _rank0():
@@ -682,23 +665,10 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+            bc.write_json(out / "bench_train.json", {"meta": meta, "results": results})
             (out / "bench_train.md").write_text(markdown(meta, results) + "\n")
-            print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.md'}", flush=True)
+            bc.wrote(out / "bench_train.json", out / "bench_train.md")
     return 0
-
-
-def _versions() -> dict:
-    import torch
-
-    v = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("megatron.core", "transformers", "triton", "transformer_engine"):
-        try:
-            m = __import__(mod, fromlist=["__version__"])
-            v[mod] = getattr(m, "__version__", "?")
-        except Exception:  # noqa: BLE001 - optional
-            pass
-    return v
 
 
 def _fmt(x, spec=".3g"):
@@ -735,24 +705,22 @@ def markdown(meta: dict, results: list[dict]) -> str:
             + meta["layouts"][0], "step s (median)", "step s (mean)", "process CPU s", "teacher s", "student fwd+bwd s",
             "optimizer s", "tokens/step", "tokens/s/GPU", "student TFLOP/s/GPU", "MFU",
             "TFLOP/s/GPU incl. teacher", "MFU incl. teacher", "peak mem GiB", "speed-up vs torch", "first loss"]
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    pct = (lambda x: "-" if x is None else f"{100 * x:.1f}%")
+    rows = []
     for r in results:
-        pct = (lambda x: "-" if x is None else f"{100 * x:.1f}%")
-        vals = [r["layout"], r["backend"],
+        rows.append([r["layout"], r["backend"],
                 f"{r['student_positions_per_token']:.2f} / {r['teacher_positions_per_token']:.2f}",
                 str(r["num_microbatches"]), f"{r['speedup_vs_first_layout']:.2f}", f"{r['step_s_median']:.4f}", f"{r['step_s_mean']:.4f}", _fmt(r.get("cpu_s_median"), ".4f"),
                 f"{r['teacher_s_median']:.4f}", f"{r['student_fwd_bwd_s_median']:.4f}", f"{r['optimizer_s_median']:.4f}",
                 str(r["tokens_per_step"]), f"{r['tokens_per_s_per_gpu']:.1f}", f"{r['student_tflops_per_gpu']:.3g}",
                 pct(r["mfu"]), f"{r['total_tflops_per_gpu']:.3g}", pct(r["mfu_incl_teacher"]),
-                f"{r['peak_memory_gib']:.2f}", _fmt(r.get("speedup_vs_torch"), ".2f"), f"{r['first_loss']:.7g}"]
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+                f"{r['peak_memory_gib']:.2f}", _fmt(r.get("speedup_vs_torch"), ".2f"), f"{r['first_loss']:.7g}"])
+    return "\n".join([head, ""] + bc.md_table(cols, rows))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    bc.offline()
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")  # Apex/TE fallbacks
     try:
         backends = validate(args)
