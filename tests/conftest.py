@@ -34,3 +34,9 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_model_dir):
+    """The tiny random Llama's HF directory: the model the engine tests serve."""
+    return tiny_model_dir("llama")

@@ -41,11 +41,6 @@ def _hf_logprobs(model, prompt, output, temperature=1.0):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def engine(llama):
     eng = EmbeddedEngine(str(llama), seed=0)
     yield eng

@@ -31,11 +31,6 @@ def call(url, path, body=None, raw=None, method=None):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def served(llama):
     eng = EmbeddedEngine(str(llama), seed=0)
     srv = EmbeddedServer(eng).start()

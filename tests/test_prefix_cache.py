@@ -31,11 +31,6 @@ def _shared_prompts(prefix_len=120, suffix_lens=(3, 10, 25, 1), seed=0):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def plain(llama):
     eng = EmbeddedEngine(str(llama), prefix_cache_tokens=0)
     yield eng

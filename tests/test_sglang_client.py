@@ -33,11 +33,6 @@ PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44, 45], [9], [100, 200, 300, 12]]
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def other(llama, tmp_path_factory):
     from tests.tiny_models import write_tiny_model
 
