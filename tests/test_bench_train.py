@@ -134,6 +134,37 @@ def test_param_count_matches_hf():
     assert abs(bt.param_count(bt.qwen3_1p7b_config()) - 1.72e9) < 0.01e9  # Qwen3-1.7B: 1.7B (1.4B non-embedding)
 
 
+# ------------------------------------------------------------------------ the shared update
+
+
+def test_bench_and_trainer_call_the_same_update_function(monkeypatch):
+    """The benchmark's step and the trainer's update both go through ``ophsd.train.update.update_step``."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from ophsd.train import update
+
+    class Called(Exception):
+        pass
+
+    calls = []
+
+    def fake(model, module, optimizer, mbs, objective, teacher, **kw):
+        calls.append((model, mbs, objective.kind, teacher))
+        raise Called
+
+    monkeypatch.setattr(update, "update_step", fake)
+    args = SimpleNamespace(divergence="reverse_kl", beta=0.5, distill_temperature=1.0, _layout="packed")
+    with pytest.raises(Called):
+        bt.timed_step("model", "module", "opt", "teacher", ["mb"], None, args, SimpleNamespace(vocab_size=10), "torch")
+    u = update.Updater("model", "module", "opt", "sched", update.Objective(), "teacher", update.Packing(2), Counter())
+    monkeypatch.setattr(u, "_share", lambda samples, count_remainder: samples)
+    monkeypatch.setattr(u, "_pack", lambda mine: ["mb"])
+    with pytest.raises(Called):
+        u.train(["sample"], step_num=0)
+    assert calls == [("model", ["mb"], "distill", "teacher")] * 2
+
+
 # ------------------------------------------------------------------------------ smoke runs
 
 

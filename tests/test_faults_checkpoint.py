@@ -63,7 +63,7 @@ def test_kill_during_save_leaves_no_orphan_and_a_damaged_latest_falls_back(refer
     assert "Traceback" not in out
     assert [r["step"] for r in fc.training_rows(run)] == [1, 2, 3]
     assert _ref(run) == _ref(reference)
-    from ophsd.train.trainer import find_checkpoint
+    from ophsd.train.checkpointing import find_checkpoint
 
     assert find_checkpoint(run) == run / f"iter_{ITERS:07d}"  # the damaged copy was replaced
     assert sorted(p.name for p in run.glob("iter_*")) == [f"iter_{i:07d}" for i in range(1, ITERS + 1)]
@@ -98,7 +98,8 @@ def _crash_worker(rank, world, model_dir, run_dir):
 
     from ophsd.models.checkpoint import CheckpointError
     from ophsd.train.config import parse_args
-    from ophsd.train.trainer import LATEST, Trainer, _load_file, find_checkpoint
+    from ophsd.train.checkpointing import LATEST, find_checkpoint, load_file
+    from ophsd.train.trainer import Trainer
 
     run = Path(run_dir)
     tr = Trainer(parse_args(["--model", model_dir, "--rollout-batch-size", "2", "--micro-batch-size", "2",
@@ -165,7 +166,7 @@ def _crash_worker(rank, world, model_dir, run_dir):
 
     def state(log):
         ckpt = find_checkpoint(run, log=log.append)  # raises when nothing is resumable
-        return ckpt.name, int(_load_file(ckpt / "trainer_state.pt")["step"]), (run / LATEST).read_text().strip()
+        return ckpt.name, int(load_file(ckpt / "trainer_state.pt")["step"]), (run / LATEST).read_text().strip()
 
     out["new"], out["resave"] = [], []
     for scenario in ("new", "resave"):
@@ -225,7 +226,7 @@ def test_crash_at_every_step_of_a_save_keeps_a_resumable_checkpoint(tiny_model_d
 
 def test_every_damaged_file_is_named_and_resume_falls_back(reference, tmp_path, capsys):
     from ophsd.models.checkpoint import MANIFEST, CheckpointError
-    from ophsd.train.trainer import _load_file, check_resumable_files, find_checkpoint
+    from ophsd.train.checkpointing import check_resumable_files, find_checkpoint, load_file
 
     ckpt = reference / f"iter_{ITERS:07d}"
     injected, detected, failures = fc.check_every_corruption(ckpt, tmp_path, random.Random(0))
@@ -257,7 +258,7 @@ def test_every_damaged_file_is_named_and_resume_falls_back(reference, tmp_path, 
     assert find_checkpoint(run) == run / "iter_0000002"
     assert f"{run}/iter_0000002 has no {MANIFEST} (written by an older ophsd)" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"^\S+/rng/rank00000.pt: unreadable \(EOFError: .*\)$"):
-        _load_file(run / "iter_0000002" / "rng" / "rank00000.pt")
+        load_file(run / "iter_0000002" / "rng" / "rank00000.pt")
     (run / fc.LATEST).write_text("garbage")
     log = []
     assert find_checkpoint(run, log=log.append) == run / "iter_0000002"

@@ -44,7 +44,7 @@ def _args_json(run_dir: Path, **flags) -> dict:
 
 
 def _train_row(step: int, time_step: float = 60.0, pairs: int = 16) -> dict:
-    # The keys Trainer.train_step / _train_on / _rollout produce (after log_metrics' scalar filter).
+    # The keys Trainer.train_step / Updater.train / Collector.rollout produce (after log_metrics' scalar filter).
     return {"loss": 0.5 / step, "divergence/reverse_kl": 0.5 / step, "tokens": 400, "tokens_weighted": 400.0,
             "time/teacher_forward": 3.0, "time/student_fwd_bwd": 9.0, "grad_norm": 1.2, "lr": 5e-5,
             "time/sync": 0.5, "skipped/empty_response": 0, "skipped/too_long": 0, "pairs_kept": pairs,

@@ -110,9 +110,9 @@ def _steps_worker(rank, world, model_dir, extra, n_steps, same_context):
     losses, teacher_changed = [], None
     t0 = [p.detach().clone() for p in tr.teacher.parameters()] if tr.teacher is not None else None
     for same in schedule:
-        losses.append(tr._train_on(_fixed_samples(same_context=same))["loss"])
+        losses.append(tr.update_on(_fixed_samples(same_context=same))["loss"])
         tr.step_num += 1
-        tr._sync_weights(tr.step_num)
+        tr.sync_weights()
     if t0 is not None:
         teacher_changed = any(not torch.equal(a, b) for a, b in zip(t0, tr.teacher.parameters()))
     weights = {k: v.clone() for k, v in tr.engine.model.state_dict().items()} if rank == 0 else None
@@ -247,11 +247,11 @@ def _opt_ckpt_worker(rank, world, model_dir, run_dir, extra, load):
     argv = [*extra, "--save", run_dir] + (["--load", run_dir] if load else [])
     tr = Trainer(_args(model_dir, "--optimizer", "adam", "--lr", "1e-2", *argv))
     if not load:
-        tr._train_on(_fixed_samples())
+        tr.update_on(_fixed_samples())
         tr.step_num = 1
         tr.save_checkpoint()
     assert tr.step_num == 1
-    loss = tr._train_on(_fixed_samples())["loss"]
+    loss = tr.update_on(_fixed_samples())["loss"]
     full = {k: v.clone() for k, v in mapping.iter_full_megatron_tensors(tr.module, tr.ps.get_tensor_model_parallel_group())}
     tr.close()
     return dict(loss=loss, weights=full if rank == 0 else None)
@@ -374,12 +374,12 @@ def _flaky_rollout_worker(rank, world, model_dir):
         return real_generate(requests)
 
     tr.engine.generate_many = flaky
-    samples, stats = tr._rollout()
-    out = {"n_samples": len(samples), "dropped": stats.get("dropped/rollout_failed"),
-           "bank_batch": len(tr._last_examples)}
+    batch = tr.collector.rollout(tr.step_num, tr.data_position)
+    out = {"n_samples": len(batch.samples), "dropped": batch.stats.get("dropped/rollout_failed"),
+           "bank_batch": len(batch.examples)}
     bad.update(tuple(tr.engine.apply_chat_template(tr.task.student_messages(e))) for e in examples)
     try:
-        tr._rollout()
+        tr.collector.rollout(tr.step_num, tr.data_position)
         out["all_failed"] = None
     except EngineError as e:
         out["all_failed"] = str(e)
@@ -402,11 +402,10 @@ def test_eval_examples_are_a_seeded_stratified_sample(tmp_path):
     """--eval-data FILE --eval-limit N: a seeded sample covering the labels of a file sorted by
     label (not its first N rows); the dev split carved from --data is drawn the same way and held
     out of training."""
-    from types import SimpleNamespace
 
     from ophsd.tasks import get_task
     from ophsd.train.config import parse_args
-    from ophsd.train.trainer import ExampleStream, Trainer
+    from ophsd.train.collect import ExampleStream, eval_examples
 
     csv = tmp_path / "sorted.csv"
     csv.write_text("text,category\n" + "".join(f"message {i} on {lab},intent_{lab}\n"
@@ -414,7 +413,7 @@ def test_eval_examples_are_a_seeded_stratified_sample(tmp_path):
 
     def eval_ids(*argv):
         a = parse_args(["--task", "banking77", "--data", str(csv), "--eval-limit", "20", *argv])
-        return [(e.id, e.answer) for e in Trainer._eval_examples(SimpleNamespace(args=a, task=get_task("banking77")))]
+        return [(e.id, e.answer) for e in eval_examples(get_task("banking77"), a)]
 
     first = eval_ids("--eval-data", str(csv))
     assert len(first) == 20 and len({lab for _, lab in first}) == 20  # the first 20 rows hold 2 intents
@@ -476,7 +475,7 @@ def _seed_worker(rank, world, model_dir, run_dir, load):
         tr.train_step()
         out["step1"] = seen[-1]
         tr.save_checkpoint()
-    samples, _ = tr._rollout()
+    samples = tr.collector.rollout(tr.step_num, tr.data_position).samples
     out.update(step2=seen[-1], step_num=tr.step_num, position=tr.data_position,
                responses=[s.response for s in samples])
     tr.close()
@@ -486,7 +485,7 @@ def _seed_worker(rank, world, model_dir, run_dir, load):
 def test_rollout_seeds_are_per_prompt_and_survive_resume(tiny_model_dir, tmp_path):
     """Every prompt of a step samples with its own seed (sample j: seed + j), derived from the run
     seed, the step and its data position; a resumed run draws the same seeds (and samples)."""
-    from ophsd.train.trainer import rollout_seed
+    from ophsd.train.collect import rollout_seed
 
     d, run = str(tiny_model_dir("llama")), str(tmp_path / "run")
     a = run_ranks(_seed_worker, 1, d, run, False)[0]
@@ -598,3 +597,41 @@ def test_resumed_run_saves_after_its_source_checkpoint_is_pruned(tiny_model_dir,
     assert "config.json" in names
     got = run_ranks(_resume_then_prune_worker, 1, str(d), str(run))[0]
     assert got == names
+
+
+# ------------------------------------------------------------------------------ structure
+
+
+def test_train_package_has_one_small_class_per_role_and_no_import_cycle():
+    """issue 15: no class in ophsd/train over ~250 lines; the role modules import each other
+    without a cycle (module-level imports; function-level ones are lazy by design)."""
+    import ast
+
+    pkg = REPO / "ophsd" / "train"
+    graph, sizes = {}, {}
+    for f in sorted(pkg.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                sizes[f"{f.stem}.{node.name}"] = node.end_lineno - node.lineno + 1
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ophsd.train"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                deps |= {n.split(".")[2] for n in names if len(n.split(".")) > 2}
+        graph[f.stem] = deps & {p.stem for p in pkg.glob("*.py")}
+    assert max(sizes.values()) <= 260, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph[m]:
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(path + [d])}"
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert "update" in graph["trainer"] and "trainer" not in graph["update"]

@@ -9,7 +9,8 @@
 
 Results and the exact H100 commands: ophsd/train/BENCHMARKS.md.
 
-One step is what ``Trainer._train_on`` does with a batch of pairs, on synthetic tokens:
+One step is what the trainer's update (``ophsd.train.update.update_step``) does with a batch of
+pairs, on synthetic tokens:
 
 1. per micro-batch, the frozen teacher (the same architecture, a copy of the student's initial
    weights, like ``--teacher initial``) runs forward without grad over the teacher context
@@ -19,10 +20,11 @@ One step is what ``Trainer._train_on`` does with a batch of pairs, on synthetic 
    ``ophsd_kernels.vocab_parallel_divergence(..., reduction="none")`` at the response rows over
    the TP shards (``ophsd.train.step.student_pass``);
 3. the gradients are checked for non-finite values on every rank and the megatron-core
-   optimizer steps (``build_optimizer``; the model is wrapped by ``wrap_ddp``). The LR
-   scheduler's step (scalar arithmetic) is left out.
+   optimizer steps (``ophsd.train.update.build_optimizer``; the model is wrapped by ``wrap_ddp``).
+   The LR scheduler's step (scalar arithmetic) is left out.
 
-Steps 1-3 call the trainer's own step code (``ophsd/train/step.py``), so this measures what trains.
+Steps 1-3 are one call of ``update_step``, the function the trainer's ``Updater`` calls, so this
+measures what trains.
 
 The models are random-initialised megatron-core ``GPTModel`` s built by
 ``build_model(model_spec_from_hf(hf_config, TP, PP), perform_initialization=True)``; nothing is
@@ -389,33 +391,23 @@ def make_microbatches(args, vocab: int, dp_rank: int, device, layout: str = "pad
 
 
 def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend) -> tuple[float, list]:
-    """One update through the trainer's own step code (``ophsd.train.step``), rollouts aside.
+    """One update through the trainer's own update function (``ophsd.train.update.update_step``), rollouts aside.
 
     Returns (loss, [teacher, student, optimizer] seconds). The token weights are the samples'
     (all ones): the trainer's optional token subsampling is off by default.
     """
-    from ophsd.train import step
+    from ophsd.train.objective import Objective
+    from ophsd.train.update import update_step
 
-    t0 = time.perf_counter()
-    full = getattr(args, "_layout", "padded") == "full-logits"
-    teacher_rows = step.teacher_response_logits(teacher, mbs, full_logits=full) if teacher is not None else fixed_teacher_rows
-    bc.sync()
-    t1 = time.perf_counter()
-    per_token = step.divergence_loss(teacher_rows, kind=args.divergence, beta=args.beta,
-                                     temperature=args.distill_temperature, vocab_size=spec.vocab_size,
-                                     backend=backend)
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    loss = step.student_pass(model, mbs, per_token, [mb.weights for mb in mbs], full_logits=full)["loss"]
-    bc.sync()
-    t2 = time.perf_counter()
-    if not step.finite_everywhere(loss, module):
-        raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {loss}); "
+    objective = Objective("distill", divergence=args.divergence, beta=args.beta, temperature=args.distill_temperature,
+                          vocab_size=spec.vocab_size, backend=backend)
+    fixed = None if teacher is not None else (fixed_teacher_rows or [None] * len(mbs))  # --no-teacher
+    r = update_step(model, module, optimizer, mbs, objective, teacher, teacher_rows=fixed,
+                    full_logits=getattr(args, "_layout", "padded") == "full-logits", sync=bc.sync)
+    if r.skipped:
+        raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {r.loss}); "
                          "the benchmark needs finite steps")
-    optimizer.step()
-    bc.sync()
-    t3 = time.perf_counter()
-    return loss, [t1 - t0, t2 - t1, t3 - t2]
+    return r.loss, [r.times["teacher"], r.times["student"], r.times["optimizer"]]
 
 
 def _rank0() -> bool:
@@ -444,7 +436,7 @@ def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, 
     import torch
 
     from ophsd.models.megatron import build_model
-    from ophsd.train.trainer import build_optimizer, wrap_ddp
+    from ophsd.train.update import OptimizerSettings, build_optimizer, wrap_ddp
 
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -453,10 +445,9 @@ def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, 
     student = build_model(spec, params_dtype=dtype, perform_initialization=False)
     student.load_state_dict(init_state)
     model = wrap_ddp(student, a.use_distributed_optimizer)
-    opt_args = argparse.Namespace(optimizer=a.optimizer, lr=a.lr, min_lr=0.0, weight_decay=a.weight_decay,
-                                  adam_beta1=0.9, adam_beta2=0.999, clip_grad=a.clip_grad, bf16=a.bf16,
-                                  use_distributed_optimizer=a.use_distributed_optimizer)
-    optimizer = build_optimizer(model, opt_args)
+    optimizer = build_optimizer(model, OptimizerSettings(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
+                                                         clip_grad=a.clip_grad, bf16=a.bf16,
+                                                         use_distributed_optimizer=a.use_distributed_optimizer))
     total = a.warmup_steps + a.steps
     bar = None
     if _rank0() and not a.no_progress:

@@ -133,7 +133,7 @@ def check_every_corruption(ckpt: Path, work: Path, rng: random.Random) -> tuple[
     """Truncate, flip and delete each file of a copy of ``ckpt`` in turn; the resume check must fail
     naming it. Returns (injected, detected, failures)."""
     from ophsd.models.checkpoint import CheckpointError, list_files, MANIFEST
-    from ophsd.train.trainer import check_resumable_files
+    from ophsd.train.checkpointing import check_resumable_files
 
     injected, detected, failures = 0, 0, []
     for name in [*list_files(ckpt), MANIFEST]:
@@ -193,7 +193,7 @@ def _kill_once(model_dir, run_dir, train_iters, rng, span: float) -> tuple[bool,
 
 def run(args) -> dict:
     from ophsd.models.checkpoint import CheckpointError
-    from ophsd.train.trainer import find_checkpoint
+    from ophsd.train.checkpointing import find_checkpoint
 
     rng = random.Random(args.seed)
     own = args.workdir is None

@@ -1,0 +1,84 @@
+"""Building a run's models and rank 0's rollout engine from the trainer's flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ophsd.runtime.distributed import comm_device
+from ophsd.train.objective import needs_frozen_teacher
+
+
+@dataclass
+class Models:
+    """The student (this rank's pipeline stage), the frozen teacher (or None) and where they came from."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    spec: object  # ophsd.models.megatron.ModelSpec
+    tokenizer: object
+    source: object  # ophsd.models.hub.ModelSource
+    hf_files: dict[str, bytes] | None  # a checkpoint's hf/ files (None: built from an HF model)
+
+
+def build_models(args, model_dir, dtype: torch.dtype, verified: bool = False) -> Models:
+    """From ``model_dir`` (an ophsd checkpoint or converted model directory) or else --model (an HF
+    model). ``verified``: ``model_dir`` is a checkpoint :func:`find_checkpoint` checked whole."""
+    from ophsd.models import checkpoint, mapping
+    from ophsd.models.hub import ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
+    from ophsd.models.megatron import build_model, model_spec_from_hf
+
+    a = args
+    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    if model_dir:
+        spec = checkpoint.load_spec(model_dir, tp, pp)
+        hf_dir = Path(model_dir) / "hf"
+        # Its config/tokenizer files, read now: checkpoints copy them, and the directory we
+        # resumed from may be pruned while we run (examples/paper_table keeps the latest only).
+        hf_files = {f.name: f.read_bytes() for f in hf_dir.iterdir() if f.is_file()}
+        student = build_model(spec, params_dtype=dtype, perform_initialization=False)
+        checkpoint.load_model(student, Path(model_dir) / "model", verify_files=not verified)
+        teacher_dir = Path(model_dir) / "teacher"
+        source = ModelSource(str(model_dir), megatron=True)
+    else:
+        source = resolve_model(a.model)
+        spec = model_spec_from_hf(load_config(source), tp, pp)
+        hf = load_hf_model(source, torch.float32)
+        student = build_model(spec, params_dtype=dtype, perform_initialization=False)
+        mapping.load_full_tensors(student, {k: v.to(dtype) for k, v in
+                                            mapping.hf_to_megatron(hf.state_dict(), spec).items()})
+        del hf
+        teacher_dir = None
+        hf_files = None
+    tokenizer = load_tokenizer(source)
+    teacher = None
+    if needs_frozen_teacher(a):
+        teacher = build_model(spec, params_dtype=dtype, perform_initialization=False)
+        if teacher_dir is not None and (teacher_dir / "metadata.json").is_file():
+            checkpoint.load_model(teacher, teacher_dir, verify_files=not verified)
+        else:
+            teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False).eval()
+    return Models(student, teacher, spec, tokenizer, source, hf_files)
+
+
+def build_engine(args, source, tokenizer, dtype: torch.dtype):
+    """Rank 0's rollout engine: an SGLang client, or the embedded engine (a random-initialised
+    shell: the first weight sync, version 0, fills it from Megatron)."""
+    a = args
+    if a.rollout_engine == "sglang":
+        from ophsd.rollout.sglang import SGLangEngine
+
+        return SGLangEngine(a.sglang_url, weight_sync=a.weight_sync, weights_dir=a.weight_sync_dir)
+    from transformers import AutoModelForCausalLM
+
+    from ophsd.models.hub import load_config
+    from ophsd.rollout.embedded import EmbeddedEngine
+
+    # It shares rank 0's device; on a GPU it generates in the training dtype, on CPU in fp32.
+    device = comm_device()
+    dtype = dtype if device.type == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype).eval()
+    return EmbeddedEngine.from_pretrained_objects(hf, tokenizer, name="ophsd-student", seed=a.seed, device=device,
+                                                  dtype=dtype, prefix_cache_tokens=a.prefix_cache_tokens)

@@ -1,0 +1,70 @@
+"""Evaluation during training: standalone and harness-attached accuracy on the eval examples (rank
+0's engine), the probe divergence on a fixed batch (every rank), eval_predictions/ files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ophsd.runtime.distributed import is_rank0 as _rank0
+from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.train.collect import eval_examples
+
+
+def _broadcast(obj):
+    box = [obj if _rank0() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Evaluator:
+    """Collective evaluation. ``collector``, ``engine`` and ``harness`` are rank 0's (None elsewhere)."""
+
+    def __init__(self, args, task, run_dir: Path | None, updater, collector, engine, harness):
+        self.args, self.task, self.run_dir = args, task, run_dir
+        self.updater, self.collector, self.engine, self.harness = updater, collector, engine, harness
+        self._probe = None
+
+    def probe_divergence(self, step_num: int) -> float | None:
+        """Divergence on a fixed probe batch: greedy student responses and harness teacher
+        contexts, both built once from the initial weights on dev examples. On-policy training
+        losses come from a fresh batch each step (noisy); this one is comparable across steps."""
+        a = self.args
+        if not self.updater.objective.distill:
+            return None
+        if self._probe is None:
+            examples = eval_examples(self.task, a)[: a.rollout_batch_size] if _rank0() else None
+            self._probe = _broadcast(self.collector.probe_samples(examples) if _rank0() else None)
+        if not self._probe:
+            return None
+        return self.updater.loss(self._probe, step_num)
+
+    def evaluate(self, tag: str, step_num: int) -> dict | None:
+        """Collective: the eval row of step ``step_num`` on rank 0 (None elsewhere)."""
+        a = self.args
+        probe = self.probe_divergence(step_num)  # collective
+        if not _rank0():
+            return None
+        from ophsd.eval import evaluate
+
+        examples = eval_examples(self.task, a)
+        harness = self.harness if a.harness != "opsd" else None
+        res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir))
+        if self.run_dir:
+            pred_dir = self.run_dir / "eval_predictions"
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            with open(pred_dir / f"step_{step_num:07d}.jsonl", "w") as f:
+                for r in res.pop("responses"):
+                    f.write(json.dumps({"step": step_num, "tag": tag, **r}, ensure_ascii=False, default=str) + "\n")
+        row = {"step": step_num, "tag": tag,
+               "eval/standalone_accuracy": res["standalone"]["accuracy"], "eval/n": res["standalone"]["n"]}
+        if (res.get("harness") or {}).get("accuracy") is not None:  # no harness (OPSD): no such metric
+            row["eval/harness_accuracy"] = res["harness"]["accuracy"]
+        if probe is not None:
+            row["eval/probe_divergence"] = probe
+        _log(f"eval ({tag}, step {step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
+             + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
+             + (f", probe {a.divergence} {probe:.4f}" if probe is not None else "")
+             + f" on {row['eval/n']} examples")
+        return row
