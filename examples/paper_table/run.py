@@ -108,11 +108,10 @@ DEV_SIZE, SPLIT_SEED, EVAL_SAMPLE_SEED = 500, 0, 0
 # CPU per BANKING77 run) and the table reports the base rows as deterministic.
 METHOD_FLAGS = {
     "ophsd": dict(objective="distill", divergence="reverse_kl", teacher="initial"),
-    "ophsd_jsd": dict(objective="distill", divergence="jsd", beta=0.5, teacher="initial", skip_eval_before=True),
-    "opsd": dict(objective="distill", harness="opsd", divergence="reverse_kl", teacher="initial",
-                 skip_eval_before=True),
+    "ophsd_jsd": dict(objective="distill", divergence="jsd", beta=0.5, teacher="initial"),
+    "opsd": dict(objective="distill", harness="opsd", divergence="reverse_kl", teacher="initial"),
     # One target per prompt (the harness's final response): one sample per prompt.
-    "offpolicy_sft": dict(objective="offpolicy", n_samples_per_prompt=1, skip_eval_before=True),
+    "offpolicy_sft": dict(objective="offpolicy", n_samples_per_prompt=1),
 }
 # Which run evaluates the untrained model: the first of these that is run (opsd's harness holds the
 # ground truth, so its before-eval gives base but not base+harness).
@@ -175,7 +174,8 @@ def run_config(budget: str, task: str, method: str, seed: int, lr: float | None 
                model: str | None = None, extra=(), eval_before: bool | None = None) -> dict:
     """The trainer flags of one run, without paths (what must not change on resume).
 
-    ``eval_before``: whether this run evaluates the untrained model (default: ophsd does)."""
+    ``eval_before``: whether this run evaluates the untrained model (``plan`` decides, see
+    ``base_eval_run``; None leaves the trainer's default)."""
     if task not in PRESETS[budget]:
         raise PlanError(f"no {budget} preset for task {task!r}; known: {', '.join(PRESETS[budget])}")
     cfg = {"task": task, "harness": TASKS[task]["harness"], "seed": seed, **PRESETS[budget][task],
