@@ -1,5 +1,5 @@
 """The rollout package's import graph: no cycles (lazy imports inside functions included), and the
-weight codecs import no engine."""
+weight codecs import no engine; and its classes are small (issue 15)."""
 import ast
 from pathlib import Path
 
@@ -10,7 +10,10 @@ ROOT = Path(ophsd.rollout.__file__).parent
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {f"{PKG}.{p.stem}" if p.stem != "__init__" else PKG: p for p in ROOT.glob("*.py")}
+    modules = {}
+    for p in ROOT.rglob("*.py"):  # subpackages too (ophsd.rollout.embedded)
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        modules[".".join((PKG,) + (parts[:-1] if parts[-1] == "__init__" else parts))] = p
     graph = {}
     for name, path in modules.items():
         deps = set()
@@ -50,4 +53,15 @@ def test_rollout_has_no_import_cycle():
 def test_weight_codecs_import_no_engine():
     deps = _graph()[f"{PKG}.weight_sync"]
     engines = {f"{PKG}.{m}" for m in ("sglang", "embedded", "serve", "server_pool", "weight_updaters", "launcher")}
-    assert not deps & engines, deps & engines
+    hits = {d for d in deps if any(d == e or d.startswith(e + ".") for e in engines)}
+    assert not hits, hits
+
+
+def test_rollout_has_no_class_over_250_lines():
+    """issue 15: one role per class; the embedded engine is split as SGLang's runtime is."""
+    sizes = {}
+    for path in ROOT.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                sizes[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert max(sizes.values()) <= 260, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]

@@ -244,16 +244,18 @@ def main(argv=None) -> int:
 
 
 def _timed_engine(engine):
-    """Count the seconds an engine spends in prefill and in decode forwards (instance patches)."""
+    """Count the seconds an engine spends in prefill and in decode forwards (instance patches on
+    its model runner)."""
     spent = {"prefill": 0.0, "decode": 0.0}
-    prefill, forward = engine._prefill, engine._forward
+    runner = engine._runner
+    prefill, forward = runner.prefill, runner.forward
     inside = [False]
 
-    def timed_prefill(seqs):
+    def timed_prefill(prompts):
         t = time.perf_counter()
         inside[0] = True
         try:
-            return prefill(seqs)
+            return prefill(prompts)
         finally:
             inside[0] = False
             spent["prefill"] += time.perf_counter() - t
@@ -266,7 +268,7 @@ def _timed_engine(engine):
             if not inside[0]:
                 spent["decode"] += time.perf_counter() - t
 
-    engine._prefill, engine._forward = timed_prefill, timed_forward
+    runner.prefill, runner.forward = timed_prefill, timed_forward
     return spent
 
 
