@@ -171,6 +171,12 @@ setup(
         "math-verify>=0.7",  # symbolic answer equivalence for the math task rewards
         "tensorboard",  # trainer metrics (metrics.jsonl is always written too)
         "matplotlib",  # report curves (report.md is written without it)
+        # The embedded generation server and its client, on SGLang's own HTTP stack
+        # (ophsd/rollout/serve.py, io_struct.py; sglang.py, server_pool.py).
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
+        "httpx",
     ],
     extras_require={
         # Triton runs the GPU kernels on CUDA and, with TRITON_INTERPRET=1, on CPU in tests.

@@ -19,7 +19,7 @@ import time
 from typing import Sequence
 
 from ophsd.rollout.base import EngineError, InvalidRequestError
-from ophsd.rollout.server_pool import TransientError, http_json
+from ophsd.rollout.server_pool import TransientError, http_json, new_client
 from ophsd.runtime.distributed import free_port
 
 log = logging.getLogger(__name__)
@@ -132,23 +132,24 @@ class ServerLauncher:
         deadline = time.monotonic() + self.startup_timeout
         pending = dict(zip(urls, procs))
         delay = 0.5
-        while pending:
-            for url, (name, proc, logp) in list(pending.items()):
-                if proc.poll() is not None:
-                    raise EngineError(f"{name} exited with code {proc.returncode} before becoming healthy "
-                                      f"({' '.join(proc.args)}); last log lines:\n{self._tail(logp)}")
-                try:
-                    http_json(url, path, timeout=10)
-                    del pending[url]
-                except (TransientError, InvalidRequestError):
-                    pass
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                names = ", ".join(v[0] for v in pending.values())
-                raise EngineError(f"{names} not healthy after {self.startup_timeout:.0f}s; logs in {self.log_dir}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
+        with new_client(len(urls)) as client:
+            while pending:
+                for url, (name, proc, logp) in list(pending.items()):
+                    if proc.poll() is not None:
+                        raise EngineError(f"{name} exited with code {proc.returncode} before becoming healthy "
+                                          f"({' '.join(proc.args)}); last log lines:\n{self._tail(logp)}")
+                    try:
+                        http_json(client, url, path, timeout=10)
+                        del pending[url]
+                    except (TransientError, InvalidRequestError):
+                        pass
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    names = ", ".join(v[0] for v in pending.values())
+                    raise EngineError(f"{names} not healthy after {self.startup_timeout:.0f}s; logs in {self.log_dir}")
+                time.sleep(delay)
+                delay = min(delay * 1.5, 5.0)
 
     def shutdown(self, timeout: float = 30.0):
         procs, self.procs = self.procs, []

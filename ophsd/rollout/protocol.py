@@ -25,7 +25,8 @@ from SGLang's source:
 
 SGLang's ``weight_version`` is a string (``"default"`` at start); ophsd versions are ints
 sent as their decimal string. Everything here is pure data handling (no HTTP), shared by the
-embedded server (:mod:`ophsd.rollout.serve`) and the client (:mod:`ophsd.rollout.sglang`).
+embedded server (:mod:`ophsd.rollout.serve`) and the client (:mod:`ophsd.rollout.sglang`); the
+server's request bodies are the pydantic models of :mod:`ophsd.rollout.io_struct`.
 """
 from __future__ import annotations
 
@@ -36,21 +37,6 @@ from ophsd.rollout.base import Completion, InvalidRequestError, SamplingParams
 
 SGLANG_TARGET_VERSION = "0.5.3"
 
-# GenerateReqInput fields the embedded server implements.
-GENERATE_FIELDS = {
-    "text", "input_ids", "sampling_params", "return_logprob", "rid", "stream",
-    "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs", "log_metrics",
-    "token_ids_logprob", "lora_path", "custom_logit_processor", "priority", "routed_dp_rank",
-    "data_parallel_rank", "bootstrap_host", "bootstrap_port", "bootstrap_room",
-}
-# Other GenerateReqInput fields of SGLang: known, not implemented here (400 with that reason).
-GENERATE_FIELDS_UNSUPPORTED = {
-    "input_embeds", "image_data", "video_data", "audio_data", "return_hidden_states",
-    "modalities", "session_params", "session_id", "lora_id", "return_routed_experts",
-    "background", "require_reasoning", "extra_key", "custom_labels", "return_bytes",
-    "return_entropy", "return_prompt_token_ids", "external_trace_header", "conversation_id",
-    "cache_salt", "no_logs", "max_thinking_tokens",
-}
 # sampling_params keys (SamplingParams of SGLang) -> accepted values when not implemented.
 SAMPLING_SUPPORTED = {
     "max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "n",
@@ -64,24 +50,6 @@ SAMPLING_DEFAULT_ONLY = {
 }
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
 SEED_LIMIT = 1 << 63  # sample j of a request is seeded with seed + j: torch generators take 64 bits
-
-
-def error_body(message: str, code: int = 400) -> dict:
-    """SGLang's ``ErrorResponse`` JSON."""
-    from http import HTTPStatus
-
-    return {"object": "error", "message": message, "type": HTTPStatus(code).phrase, "param": None, "code": code}
-
-
-def check_fields(body: Any, allowed: set[str], what: str, unsupported: set[str] = frozenset()) -> dict:
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"{what}: the JSON body must be an object, got {type(body).__name__}")
-    for k in body:
-        if k in unsupported:
-            raise InvalidRequestError(f"{what}: field {k!r} is an SGLang option the embedded server does not implement")
-        if k not in allowed:
-            raise InvalidRequestError(f"{what}: unknown field {k!r}; known fields: {', '.join(sorted(allowed))}")
-    return body
 
 
 def _num(d, key, kind, default):
@@ -281,13 +249,3 @@ def update_weights_from_distributed_request(names: list[str], dtypes: list[str],
         body["weight_version"] = str(version)
     return body
 
-
-UPDATE_FROM_DISK_FIELDS = {"model_path", "load_format", "abort_all_requests", "weight_version", "is_async",
-                           "torch_empty_cache", "keep_pause", "recapture_cuda_graph", "token_step", "flush_cache",
-                           "rid", "manifest"}
-UPDATE_FROM_TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
-                             "weight_version", "rid"}
-ABORT_FIELDS = {"rid", "abort_all", "finished_reason", "abort_message"}
-UPDATE_VERSION_FIELDS = {"new_version", "abort_all_requests", "rid"}
-PAUSE_FIELDS = {"mode", "rid"}
-MEMORY_FIELDS = {"tags", "rid"}

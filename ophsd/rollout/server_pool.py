@@ -5,21 +5,21 @@ version the client last pushed), and picks them in round-robin order. A server t
 connections, times out or fails twice with 5xx is taken out of rotation and probed again
 (``/health_generate``) after ``dead_cooldown_s``; one that reports other weights is *stale* until
 it is updated. :class:`RetryPolicy` says how often and how long to wait before a request goes to
-the next server. Standard library only (``urllib``).
+the next server. Every call goes through one pooled ``httpx.Client`` per pool (keep-alive
+connections instead of a TCP handshake per request), closed by :meth:`ServerPool.close`.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import httpx
 
 from ophsd.rollout import protocol as P
 from ophsd.rollout.base import EngineError, InvalidRequestError
@@ -36,21 +36,18 @@ class TransientError(Exception):
         self.dead = dead
 
 
-def http_json(url: str, path: str, body=None, timeout: float = 60.0, method: str | None = None):
-    """One HTTP call -> (status, parsed JSON or text). Raises :class:`TransientError` (no answer,
-    5xx) or :class:`InvalidRequestError` (4xx)."""
+def http_json(client: httpx.Client, url: str, path: str, body=None, timeout: float = 60.0):
+    """One HTTP call on ``client``, GET without a body, POST with one -> (status, parsed JSON or
+    text). Raises :class:`TransientError` (no answer, 5xx) or :class:`InvalidRequestError` (4xx)."""
+    method = "GET" if body is None else "POST"
+    # json.dumps, not httpx's json=: NaN stays encodable and a weight bucket is encoded once
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method or ("GET" if body is None else "POST"))
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
+    headers = None if data is None else {"Content-Type": "application/json"}
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw, status = r.read(), r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TransientError(f"{url}{path}: {type(reason).__name__}: {reason}", dead=True) from None
+        r = client.request(method, url.rstrip("/") + path, content=data, headers=headers, timeout=timeout)
+    except httpx.TransportError as e:  # refused, reset, timed out, a broken answer
+        raise TransientError(f"{url}{path}: {type(e).__name__}: {e}", dead=True) from None
+    raw, status = r.content, r.status_code
     try:
         payload = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -60,6 +57,12 @@ def http_json(url: str, path: str, body=None, timeout: float = 60.0, method: str
     if status >= 400:
         raise InvalidRequestError(f"{url}{path}: HTTP {status}: {error_message(payload)}")
     return status, payload
+
+
+def new_client(max_idle: int) -> httpx.Client:
+    """A pooled client: keep-alive connections are reused, at most ``max_idle`` kept open. The
+    number in use is not capped (callers bound their own concurrency), so no call waits for one."""
+    return httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_idle))
 
 
 def error_message(payload) -> str:
@@ -108,7 +111,7 @@ class ServerPool:
     weight versions. ``version`` is the weight version every usable server must report."""
 
     def __init__(self, urls: Sequence[str], *, router_url: str | None = None, control_timeout: float = 600.0,
-                 dead_cooldown_s: float = 15.0, retry: RetryPolicy = RetryPolicy()):
+                 dead_cooldown_s: float = 15.0, retry: RetryPolicy = RetryPolicy(), max_idle: int = 64):
         if not urls:
             raise ValueError("SGLangEngine needs at least one server URL")
         self.servers = [Server(u.rstrip("/")) for u in urls]
@@ -119,6 +122,14 @@ class ServerPool:
         self.version = 0
         self._lock = threading.Lock()
         self._rr = itertools.count()
+        self.client = new_client(max_idle)
+
+    def request(self, url: str, path: str, body=None, timeout: float | None = None):
+        """:func:`http_json` on this pool's client (``timeout``: the control timeout by default)."""
+        return http_json(self.client, url, path, body, timeout=timeout or self.control_timeout)
+
+    def close(self) -> None:
+        self.client.close()
 
     # ------------------------------------------------------------------ versions
     def connect(self) -> None:
@@ -127,7 +138,7 @@ class ServerPool:
         errors = []
         for s in self.servers:
             try:
-                _, info = http_json(s.url, "/get_model_info", timeout=self.control_timeout)
+                _, info = self.request(s.url, "/get_model_info")
                 s.info = info if isinstance(info, dict) else {}
                 s.version = self.server_version(s)
             except (TransientError, InvalidRequestError) as e:
@@ -135,6 +146,7 @@ class ServerPool:
                 errors.append(str(e))
         live = [s for s in self.servers if s.alive]
         if not live:
+            self.close()
             raise EngineError("no SGLang server answers: " + "; ".join(errors))
         versions = {s.version for s in live}
         self.version = max((v for v in versions if v is not None), default=0)
@@ -146,7 +158,7 @@ class ServerPool:
 
     def server_version(self, s: Server) -> int | None:
         try:
-            _, body = http_json(s.url, "/get_weight_version", timeout=self.control_timeout)
+            _, body = self.request(s.url, "/get_weight_version")
             return P.parse_weight_version((body or {}).get("weight_version"))
         except InvalidRequestError:  # older SGLang without the route: fall back to model info
             return P.parse_weight_version(s.info.get("weight_version"))
@@ -190,7 +202,7 @@ class ServerPool:
 
     def revive(self, s: Server) -> bool:
         try:
-            http_json(s.url, "/health_generate", timeout=30)
+            self.request(s.url, "/health_generate", timeout=30)
             version = self.server_version(s)
         except (TransientError, InvalidRequestError):
             return False
@@ -232,20 +244,25 @@ class ServerPool:
 
         def call(s):
             try:
-                return http_json(s.url, path, body, timeout=timeout or self.control_timeout,
-                                 method="POST" if body is not None else "GET")[1]
+                return self.request(s.url, path, body, timeout=timeout)[1]
             except Exception as e:  # noqa: BLE001 - reported per server
                 return e
 
         with ThreadPoolExecutor(max_workers=max(1, len(servers))) as ex:
             return dict(zip([s.url for s in servers], ex.map(call, servers)))
 
+    def call_every(self, path: str, body) -> None:
+        """:meth:`call_all`; :class:`EngineError` naming the servers where it failed."""
+        bad = {u: r for u, r in self.call_all(path, body).items() if isinstance(r, Exception)}
+        if bad:
+            raise EngineError(f"{path.lstrip('/')} failed on {sorted(bad)}: {next(iter(bad.values()))}")
+
     def health(self) -> bool:
         """True when the router, or any live server, answers ``/health_generate``."""
         urls = [self.router_url] if self.router_url else [s.url for s in self.servers if s.alive]
         for u in urls:
             try:
-                http_json(u, "/health_generate", timeout=30)
+                self.request(u, "/health_generate", timeout=30)
                 return True
             except (TransientError, InvalidRequestError):
                 continue

@@ -1,7 +1,7 @@
 """Engine over SGLang's native HTTP API: one or many servers, optionally behind sglang-router.
 
-:class:`SGLangEngine` implements :class:`~ophsd.rollout.base.Engine` over HTTP (standard
-library only). It talks to real SGLang servers (:class:`~ophsd.rollout.launcher.ServerLauncher`
+:class:`SGLangEngine` implements :class:`~ophsd.rollout.base.Engine` over HTTP (one pooled
+``httpx.Client``). It talks to real SGLang servers (:class:`~ophsd.rollout.launcher.ServerLauncher`
 starts them) and to the embedded server (``python -m ophsd.rollout.serve``), which is how CI runs
 this code. The pieces, one file each:
 
@@ -45,7 +45,7 @@ import torch
 from ophsd.rollout import protocol as P
 from ophsd.rollout.base import Completion, Engine, EngineError, InvalidRequestError, Messages, SamplingParams
 from ophsd.rollout.launcher import SGLANG_MISSING, ServerLauncher, sglang_available
-from ophsd.rollout.server_pool import RetryPolicy, Server, ServerPool, TransientError, http_json
+from ophsd.rollout.server_pool import RetryPolicy, Server, ServerPool, TransientError
 from ophsd.rollout.weight_sync import DEFAULT_BUCKET_BYTES
 from ophsd.rollout.weight_updaters import WeightUpdater, make_updater
 from ophsd.runtime.distributed import free_port
@@ -99,10 +99,10 @@ class SGLangEngine(Engine):
         launcher: ServerLauncher | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
-        self.pool = ServerPool(urls, router_url=router_url, control_timeout=control_timeout,
-                               dead_cooldown_s=dead_cooldown_s,
-                               retry=RetryPolicy(max_retries, backoff_s, max_backoff_s))
         self.weight_updater = make_updater(weight_sync, bucket_bytes=bucket_bytes, weights_dir=weights_dir)
+        self.pool = ServerPool(urls, router_url=router_url, control_timeout=control_timeout,
+                               dead_cooldown_s=dead_cooldown_s, max_idle=max_concurrency,
+                               retry=RetryPolicy(max_retries, backoff_s, max_backoff_s))
         self.request_timeout = request_timeout
         self.pause_mode = pause_mode
         self._launcher = launcher
@@ -198,7 +198,7 @@ class SGLangEngine(Engine):
                 detail = "; ".join(errors[-4:]) or pool.why_unavailable()
                 raise EngineError(f"no SGLang server could serve the request after {attempt} attempts: {detail}")
             try:
-                _, out = http_json(target_url, "/generate", body, timeout=self.request_timeout)
+                _, out = pool.request(target_url, "/generate", body, timeout=self.request_timeout)
             except TransientError as e:
                 errors.append(str(e))
                 if server is not None:
@@ -242,10 +242,7 @@ class SGLangEngine(Engine):
 
     # ------------------------------------------------------------------ control plane
     def pause_generation(self, mode: str = "abort"):
-        res = self.pool.call_all("/pause_generation", {"mode": mode})
-        bad = {u: r for u, r in res.items() if isinstance(r, Exception)}
-        if bad:
-            raise EngineError(f"pause_generation failed on {sorted(bad)}: {list(bad.values())[0]}")
+        self.pool.call_every("/pause_generation", {"mode": mode})
 
     def continue_generation(self):
         res = self.pool.call_all("/continue_generation", {})
@@ -291,16 +288,10 @@ class SGLangEngine(Engine):
                 self._no_update.set()
 
     def release_memory(self) -> None:
-        res = self.pool.call_all("/release_memory_occupation", {})
-        bad = [u for u, r in res.items() if isinstance(r, Exception)]
-        if bad:
-            raise EngineError(f"release_memory_occupation failed on {bad}")
+        self.pool.call_every("/release_memory_occupation", {})
 
     def resume_memory(self) -> None:
-        res = self.pool.call_all("/resume_memory_occupation", {})
-        bad = [u for u, r in res.items() if isinstance(r, Exception)]
-        if bad:
-            raise EngineError(f"resume_memory_occupation failed on {bad}")
+        self.pool.call_every("/resume_memory_occupation", {})
 
     def health(self) -> bool:
         return self.pool.health()
@@ -310,5 +301,6 @@ class SGLangEngine(Engine):
             return
         self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
         if self._launcher is not None:
             self._launcher.shutdown()

@@ -167,8 +167,9 @@ _RAW_NUMS = ["1e400", "-1e400", "NaN", "Infinity", "1e23", "9" * 40]
 def random_bodies(rng: random.Random, k: int):
     """``k`` mutations of a valid /generate body: a field or sampling key set to a hostile value."""
     from ophsd.rollout import protocol as P
+    from ophsd.rollout.io_struct import GenerateReqInput
 
-    fields = sorted(P.GENERATE_FIELDS | {"input_embeds", "zzz"})
+    fields = sorted(set(GenerateReqInput.model_fields) | {"input_embeds", "zzz"})
     keys = sorted(P.SAMPLING_SUPPORTED | set(P.SAMPLING_DEFAULT_ONLY) | {"zzz"})
     for i in range(k):
         body = _gen({})
