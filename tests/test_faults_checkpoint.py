@@ -97,14 +97,14 @@ def _crash_worker(rank, world, model_dir, run_dir):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from ophsd.models.checkpoint import CheckpointError
-    from ophsd.train.config import parse_args
+    from ophsd.train.config import TrainConfig, parse_args
     from ophsd.train.checkpointing import LATEST, find_checkpoint, load_file
     from ophsd.train.trainer import Trainer
 
     run = Path(run_dir)
-    tr = Trainer(parse_args(["--model", model_dir, "--rollout-batch-size", "2", "--micro-batch-size", "2",
-                             "--max-response-length", "8", "--plan-tokens", "8", "--skip-eval", "--no-tensorboard",
-                             "--save", run_dir]))
+    tr = Trainer(TrainConfig.from_args(parse_args([
+        "--model", model_dir, "--rollout-batch-size", "2", "--micro-batch-size", "2", "--max-response-length", "8",
+        "--plan-tokens", "8", "--skip-eval", "--no-tensorboard", "--save", run_dir])))
     tr.train_step()
     tr.save_checkpoint()
     tr.train_step()

@@ -83,12 +83,13 @@ def test_pack_layouts_and_budget():
 def _pass_worker(rank, world, model_dir, tp, pp, kind, forward_only=False):
     from ophsd.runtime.distributed import comm_device
     from ophsd.train import step
-    from ophsd.train.config import parse_args
+    from ophsd.train.config import TrainConfig, parse_args
     from ophsd.train.pairs import pack
     from ophsd.train.trainer import Trainer
 
-    tr = Trainer(parse_args(["--model", str(model_dir), "--skip-eval", "--no-tensorboard", "--optimizer", "sgd",
-                             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]))
+    tr = Trainer(TrainConfig.from_args(parse_args([
+        "--model", str(model_dir), "--skip-eval", "--no-tensorboard", "--optimizer", "sgd",
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)])))
     samples = _shared_prefix_samples()
     n = sum(len(s.response) for s in samples)
     out = {}

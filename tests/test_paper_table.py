@@ -307,7 +307,7 @@ def test_prepare_data_split(tmp_path):
 
 
 def test_plan_commands_resume_and_skip(tmp_path):
-    from ophsd.train.config import build_parser, validate
+    from ophsd.train.config import TrainConfig, build_parser
 
     src = _fixture_csv(tmp_path)
     root = (tmp_path / "runs").resolve()
@@ -355,9 +355,8 @@ def test_plan_commands_resume_and_skip(tmp_path):
     assert opt(s, "--objective") == "offpolicy" and opt(s, "--n-samples-per-prompt") == "1"
     # Every flag exists in the trainer and every combination passes its validation.
     for p in planned:
-        args = build_parser().parse_args(p.argv[3:])
-        validate(args)
-        assert args.save == str(p.run_dir)
+        config = TrainConfig.from_args(build_parser().parse_args(p.argv[3:]))
+        assert config.logging.save == str(p.run_dir)
 
     # A run directory made with other flags is never resumed or skipped silently.
     with pytest.raises(R.PlanError, match="lr"):

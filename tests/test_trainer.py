@@ -40,12 +40,13 @@ def test_bad_flags_fail_fast(argv, msg, capsys):
 
 
 def test_yaml_config_defaults_and_cli_wins(tmp_path):
-    from ophsd.train.config import ConfigError, parse_args
+    from ophsd.train.config import ConfigError, TrainConfig, parse_args
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 3.0e-4\ndivergence: jsd\nbeta: 0.25\nrollout-batch-size: 4\n")
-    a = parse_args(["--config", str(cfg), "--beta", "0.75"])
-    assert (a.lr, a.divergence, a.beta, a.rollout_batch_size, a.global_batch_size) == (3e-4, "jsd", 0.75, 4, 4)
+    a = TrainConfig.from_args(parse_args(["--config", str(cfg), "--beta", "0.75"]))
+    assert (a.optim.lr, a.distill.divergence, a.distill.beta, a.rollout.rollout_batch_size,
+            a.model.global_batch_size) == (3e-4, "jsd", 0.75, 4, 4)
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
         parse_args(["--config", str(cfg)])
@@ -95,10 +96,10 @@ def _fixed_samples(n=4, same_context=False):
 
 
 def _args(model_dir, *extra):
-    from ophsd.train.config import parse_args
+    from ophsd.train.config import TrainConfig, parse_args
 
-    return parse_args(["--model", str(model_dir), "--rollout-batch-size", "4", "--micro-batch-size", "2",
-                       "--skip-eval", "--no-tensorboard", *extra])
+    return TrainConfig.from_args(parse_args(["--model", str(model_dir), "--rollout-batch-size", "4",
+                                             "--micro-batch-size", "2", "--skip-eval", "--no-tensorboard", *extra]))
 
 
 def _steps_worker(rank, world, model_dir, extra, n_steps, same_context):
@@ -404,7 +405,7 @@ def test_eval_examples_are_a_seeded_stratified_sample(tmp_path):
     out of training."""
 
     from ophsd.tasks import get_task
-    from ophsd.train.config import parse_args
+    from ophsd.train.config import TrainConfig, parse_args
     from ophsd.train.collect import ExampleStream, eval_examples
 
     csv = tmp_path / "sorted.csv"
@@ -412,7 +413,7 @@ def test_eval_examples_are_a_seeded_stratified_sample(tmp_path):
                                                 for lab in range(20) for i in range(10)))
 
     def eval_ids(*argv):
-        a = parse_args(["--task", "banking77", "--data", str(csv), "--eval-limit", "20", *argv])
+        a = TrainConfig.from_args(parse_args(["--task", "banking77", "--data", str(csv), "--eval-limit", "20", *argv]))
         return [(e.id, e.answer) for e in eval_examples(get_task("banking77"), a)]
 
     first = eval_ids("--eval-data", str(csv))
@@ -430,7 +431,7 @@ def _skip_worker(rank, world, model_dir, extra):
     from ophsd.train.trainer import Trainer, TrainingError
 
     tr = Trainer(_args(model_dir, "--max-response-length", "8", "--plan-tokens", "8", *extra))
-    out = {"max_prompt_length": tr.args.max_prompt_length}
+    out = {"max_prompt_length": tr.config.rollout.max_prompt_length}
     try:
         m = tr.train_step()
         out.update(pairs_kept=m["pairs_kept"], pairs_total=m["pairs_total"], step=tr.step_num)

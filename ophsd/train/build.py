@@ -1,13 +1,16 @@
-"""Building a run's models and rank 0's rollout engine from the trainer's flags."""
+"""Building a run's models and rank 0's rollout engine from the trainer's config."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ophsd.runtime.distributed import comm_device
-from ophsd.train.objective import needs_frozen_teacher
+
+if TYPE_CHECKING:
+    from ophsd.train.config import ModelConfig, RolloutConfig
 
 
 @dataclass
@@ -22,15 +25,16 @@ class Models:
     hf_files: dict[str, bytes] | None  # a checkpoint's hf/ files (None: built from an HF model)
 
 
-def build_models(args, model_dir, dtype: torch.dtype, verified: bool = False) -> Models:
+def build_models(model: ModelConfig, model_dir, dtype: torch.dtype, frozen_teacher: bool,
+                 verified: bool = False) -> Models:
     """From ``model_dir`` (an ophsd checkpoint or converted model directory) or else --model (an HF
-    model). ``verified``: ``model_dir`` is a checkpoint :func:`find_checkpoint` checked whole."""
+    model); ``frozen_teacher``: also a frozen copy as the teacher. ``verified``: ``model_dir`` is a
+    checkpoint :func:`find_checkpoint` checked whole."""
     from ophsd.models import checkpoint, mapping
     from ophsd.models.hub import ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
     from ophsd.models.megatron import build_model, model_spec_from_hf
 
-    a = args
-    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    tp, pp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size
     if model_dir:
         spec = checkpoint.load_spec(model_dir, tp, pp)
         hf_dir = Path(model_dir) / "hf"
@@ -42,7 +46,7 @@ def build_models(args, model_dir, dtype: torch.dtype, verified: bool = False) ->
         teacher_dir = Path(model_dir) / "teacher"
         source = ModelSource(str(model_dir), megatron=True)
     else:
-        source = resolve_model(a.model)
+        source = resolve_model(model.model)
         spec = model_spec_from_hf(load_config(source), tp, pp)
         hf = load_hf_model(source, torch.float32)
         student = build_model(spec, params_dtype=dtype, perform_initialization=False)
@@ -53,7 +57,7 @@ def build_models(args, model_dir, dtype: torch.dtype, verified: bool = False) ->
         hf_files = None
     tokenizer = load_tokenizer(source)
     teacher = None
-    if needs_frozen_teacher(a):
+    if frozen_teacher:
         teacher = build_model(spec, params_dtype=dtype, perform_initialization=False)
         if teacher_dir is not None and (teacher_dir / "metadata.json").is_file():
             checkpoint.load_model(teacher, teacher_dir, verify_files=not verified)
@@ -63,14 +67,13 @@ def build_models(args, model_dir, dtype: torch.dtype, verified: bool = False) ->
     return Models(student, teacher, spec, tokenizer, source, hf_files)
 
 
-def build_engine(args, source, tokenizer, dtype: torch.dtype):
+def build_engine(rollout: RolloutConfig, seed: int, source, tokenizer, dtype: torch.dtype):
     """Rank 0's rollout engine: an SGLang client, or the embedded engine (a random-initialised
     shell: the first weight sync, version 0, fills it from Megatron)."""
-    a = args
-    if a.rollout_engine == "sglang":
+    if rollout.rollout_engine == "sglang":
         from ophsd.rollout.sglang import SGLangEngine
 
-        return SGLangEngine(a.sglang_url, weight_sync=a.weight_sync, weights_dir=a.weight_sync_dir)
+        return SGLangEngine(rollout.sglang_url, weight_sync=rollout.weight_sync, weights_dir=rollout.weight_sync_dir)
     from transformers import AutoModelForCausalLM
 
     from ophsd.models.hub import load_config
@@ -80,5 +83,5 @@ def build_engine(args, source, tokenizer, dtype: torch.dtype):
     device = comm_device()
     dtype = dtype if device.type == "cuda" else torch.float32
     hf = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype).eval()
-    return EmbeddedEngine.from_pretrained_objects(hf, tokenizer, name="ophsd-student", seed=a.seed, device=device,
-                                                  dtype=dtype, prefix_cache_tokens=a.prefix_cache_tokens)
+    return EmbeddedEngine.from_pretrained_objects(hf, tokenizer, name="ophsd-student", seed=seed, device=device,
+                                                  dtype=dtype, prefix_cache_tokens=rollout.prefix_cache_tokens)

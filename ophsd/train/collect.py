@@ -6,6 +6,7 @@ import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train.errors import TrainingError
 from ophsd.train.objective import Objective
 from ophsd.train.pairs import Sample, filter_pairs
+
+if TYPE_CHECKING:
+    from ophsd.train.config import TrainConfig
 
 
 def rollout_seed(run_seed: int, step: int, position: int) -> int:
@@ -50,21 +54,21 @@ class ExampleStream:
         return torch.randperm(len(self.examples), generator=g)
 
 
-def dev_size(args) -> int:
+def dev_size(config: TrainConfig) -> int:
     """Examples carved from --data for evaluation (none when --eval-data or --skip-eval)."""
-    a = args
-    return 0 if (a.eval_data or a.skip_eval or not a.data) else a.eval_limit
+    e = config.eval
+    return 0 if (e.eval_data or e.skip_eval or not config.task.data) else e.eval_limit
 
 
-def eval_examples(task, args) -> list:
+def eval_examples(task, config: TrainConfig) -> list:
     """--eval-limit examples: a seeded sample of --eval-data (stratified by label for classification,
     :meth:`Task.sample`), else the dev split carved from --data (drawn the same way), else arith's dev stream."""
-    a = args
-    if a.eval_data:
-        return list(task.sample(task.dataset(a.eval_data, split="all"), a.eval_limit, a.seed))
-    if a.data:
-        return list(task.dataset(a.data, split="dev", seed=a.seed, dev_size=a.eval_limit))
-    return [task.example(i, "dev") for i in range(a.eval_limit)]
+    e, data, seed = config.eval, config.task.data, config.model.seed
+    if e.eval_data:
+        return list(task.sample(task.dataset(e.eval_data, split="all"), e.eval_limit, seed))
+    if data:
+        return list(task.dataset(data, split="dev", seed=seed, dev_size=e.eval_limit))
+    return [task.example(i, "dev") for i in range(e.eval_limit)]
 
 
 @dataclass
@@ -81,15 +85,16 @@ class Batch:
 class Collector:
     """Rank 0's sample collection over its engine, harness and example stream (--rollout-* flags)."""
 
-    def __init__(self, args, task, engine, harness, tokenizer, stream: ExampleStream, objective: Objective):
-        self.args, self.task, self.engine, self.harness = args, task, engine, harness
+    def __init__(self, config: TrainConfig, task, engine, harness, tokenizer, stream: ExampleStream,
+                 objective: Objective):
+        self.config, self.task, self.engine, self.harness = config, task, engine, harness
         self.tokenizer, self.stream, self.objective = tokenizer, stream, objective
 
     def collect(self, step_num: int, position: int) -> Batch | None:
         """The pairs of step ``step_num + 1`` (examples from data ``position``): rollouts retried
         up to three times for a failure of the whole batch (None when all three fail), then
         filtered by --max-prompt-length / --max-response-length."""
-        a = self.args
+        r = self.config.rollout
         batch = None
         for attempt in range(3):
             try:
@@ -99,7 +104,7 @@ class Collector:
                 _log(f"rollout failed for the whole batch (attempt {attempt + 1}/3): {e}")
         if batch is None:
             return None
-        kept, skipped = filter_pairs(batch.samples, a.max_prompt_length, a.max_response_length + 1)
+        kept, skipped = filter_pairs(batch.samples, r.max_prompt_length, r.max_response_length + 1)
         batch.stats.update(skipped, pairs_kept=len(kept), pairs_total=len(batch.samples))
         batch.kept = kept
         if batch.samples and not kept:
@@ -111,16 +116,16 @@ class Collector:
         the harness's final responses, no student samples)."""
         from ophsd.rollout import SamplingParams
 
-        a = self.args
+        r, seed = self.config.rollout, self.config.model.seed
         stats: dict = {}
-        examples = all_examples = self.stream.batch(position, a.rollout_batch_size)
+        examples = all_examples = self.stream.batch(position, r.rollout_batch_size)
         prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
         t0 = time.perf_counter()
         # Each prompt samples with its own seed (sample j: seed + j), a function of the run seed,
         # the step and its data position: distinct streams per prompt, the same ones after a resume.
-        sampling = [SamplingParams(temperature=a.rollout_temperature, top_p=a.rollout_top_p,
-                                   max_new_tokens=a.max_response_length, n=a.n_samples_per_prompt,
-                                   seed=rollout_seed(a.seed, step_num, position + i))
+        sampling = [SamplingParams(temperature=r.rollout_temperature, top_p=r.rollout_top_p,
+                                   max_new_tokens=r.max_response_length, n=r.n_samples_per_prompt,
+                                   seed=rollout_seed(seed, step_num, position + i))
                     for i in range(len(examples))]
         if self.objective.distill:
             from ophsd.harness.base import call_isolated
@@ -152,12 +157,12 @@ class Collector:
         samples = []
         for ex, prompt, comps, res in zip(examples, prompts, completions, results):
             harness_reward = self.task.reward(res.final_response, ex) if res.final_response else 0.0
-            weight = (0.1 + 0.9 * harness_reward) if a.reward_weighting else 1.0
+            weight = (0.1 + 0.9 * harness_reward) if self.config.distill.reward_weighting else 1.0
             if not self.objective.distill:
                 resp = list(self.tokenizer.encode(res.final_response, add_special_tokens=False)) if res.final_response else []
                 if resp and self.tokenizer.eos_token_id is not None:
                     resp.append(self.tokenizer.eos_token_id)
-                samples.append(Sample(prompt, prompt, resp[: a.max_response_length + 1], weight,
+                samples.append(Sample(prompt, prompt, resp[: r.max_response_length + 1], weight,
                                       {"harness_reward": harness_reward, "example_id": ex.id, "mode": res.mode}))
                 continue
             teacher_prompt = self.engine.apply_chat_template(res.teacher_messages)
@@ -179,39 +184,40 @@ class Collector:
         filtered by length and trimmed to whole micro-batches."""
         from ophsd.rollout import SamplingParams
 
-        a = self.args
+        r = self.config.rollout
         prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
-        outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=a.max_response_length))
+        outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=r.max_response_length))
         results = self.harness.run(examples, self.engine, training=True)
         samples = [Sample(p, self.engine.apply_chat_template(r.teacher_messages), list(o[0].output_ids))
                    for p, o, r in zip(prompts, outs, results)]
-        probe = filter_pairs(samples, a.max_prompt_length, a.max_response_length + 1)[0]
-        return probe[: len(probe) - len(probe) % a.micro_batch_size] or probe
+        probe = filter_pairs(samples, r.max_prompt_length, r.max_response_length + 1)[0]
+        mbs = self.config.model.micro_batch_size
+        return probe[: len(probe) - len(probe) % mbs] or probe
 
     def derived_max_prompt_length(self) -> int:
         """--max-prompt-length from the task (its longest student/teacher prompt on this data)."""
-        a = self.args
+        flags = self.config.task.harness_flags  # the task sizes prompts by these, whichever harness runs
         examples = self.stream.examples if self.stream.examples is not None else self.stream.batch(0, 256)
         n = self.task.default_max_prompt_length(lambda m: len(self.engine.apply_chat_template(m)), examples,
-                                                k_neighbours=a.bank_k, plan_tokens=a.plan_tokens)
+                                                k_neighbours=flags["bank_k"], plan_tokens=flags["plan_tokens"])
         _log(f"--max-prompt-length {n}: derived from the task (the longest student prompt or teacher context "
              f"it builds on this data, +{self.task.prompt_length_margin - 1:.0%})")
         return n
 
     def all_skipped_message(self, samples: list[Sample], step_num: int) -> str:
         """Why every pair of step ``step_num + 1`` was skipped, naming the flag to change and the lengths seen."""
-        a = self.args
+        r = self.config.rollout
         prompt = [max(len(s.student_prompt), len(s.teacher_prompt)) for s in samples if s.response]
-        long_p = [n for n in prompt if n > a.max_prompt_length]
-        long_r = [len(s.response) for s in samples if len(s.response) > a.max_response_length + 1]
+        long_p = [n for n in prompt if n > r.max_prompt_length]
+        long_r = [len(s.response) for s in samples if len(s.response) > r.max_response_length + 1]
         empty = sum(not s.response for s in samples)
         why = []
         if long_p:
             why.append(f"prompts (student prompt or teacher context) of {min(long_p)}-{max(long_p)} tokens exceed "
-                       f"--max-prompt-length {a.max_prompt_length}; raise it (left unset, it is derived from the task)")
+                       f"--max-prompt-length {r.max_prompt_length}; raise it (left unset, it is derived from the task)")
         if long_r:
             why.append(f"responses of {min(long_r)}-{max(long_r)} tokens exceed --max-response-length "
-                       f"{a.max_response_length}; raise it")
+                       f"{r.max_response_length}; raise it")
         if empty:
             why.append(f"{empty} empty responses (the model answered nothing: check --max-response-length, the "
                        "model and its chat template)")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train.collect import eval_examples
+
+if TYPE_CHECKING:
+    from ophsd.train.config import TrainConfig
 
 
 def _broadcast(obj):
@@ -21,8 +25,8 @@ def _broadcast(obj):
 class Evaluator:
     """Collective evaluation. ``collector``, ``engine`` and ``harness`` are rank 0's (None elsewhere)."""
 
-    def __init__(self, args, task, run_dir: Path | None, updater, collector, engine, harness):
-        self.args, self.task, self.run_dir = args, task, run_dir
+    def __init__(self, config: TrainConfig, task, run_dir: Path | None, updater, collector, engine, harness):
+        self.config, self.task, self.run_dir = config, task, run_dir
         self.updater, self.collector, self.engine, self.harness = updater, collector, engine, harness
         self._probe = None
 
@@ -30,11 +34,11 @@ class Evaluator:
         """Divergence on a fixed probe batch: greedy student responses and harness teacher
         contexts, both built once from the initial weights on dev examples. On-policy training
         losses come from a fresh batch each step (noisy); this one is comparable across steps."""
-        a = self.args
         if not self.updater.objective.distill:
             return None
         if self._probe is None:
-            examples = eval_examples(self.task, a)[: a.rollout_batch_size] if _rank0() else None
+            c = self.config
+            examples = eval_examples(self.task, c)[: c.rollout.rollout_batch_size] if _rank0() else None
             self._probe = _broadcast(self.collector.probe_samples(examples) if _rank0() else None)
         if not self._probe:
             return None
@@ -42,14 +46,14 @@ class Evaluator:
 
     def evaluate(self, tag: str, step_num: int) -> dict | None:
         """Collective: the eval row of step ``step_num`` on rank 0 (None elsewhere)."""
-        a = self.args
+        c = self.config
         probe = self.probe_divergence(step_num)  # collective
         if not _rank0():
             return None
         from ophsd.eval import evaluate
 
-        examples = eval_examples(self.task, a)
-        harness = self.harness if a.harness != "opsd" else None
+        examples = eval_examples(self.task, c)
+        harness = self.harness if c.task.harness != "opsd" else None
         res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir))
         if self.run_dir:
             pred_dir = self.run_dir / "eval_predictions"
@@ -65,6 +69,6 @@ class Evaluator:
             row["eval/probe_divergence"] = probe
         _log(f"eval ({tag}, step {step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
              + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
-             + (f", probe {a.divergence} {probe:.4f}" if probe is not None else "")
+             + (f", probe {c.distill.divergence} {probe:.4f}" if probe is not None else "")
              + f" on {row['eval/n']} examples")
         return row

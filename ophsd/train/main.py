@@ -6,15 +6,15 @@ import sys
 
 
 def main(argv=None) -> int:
-    from ophsd.train.config import ConfigError, parse_args
+    from ophsd.train.config import ConfigError, TrainConfig, parse_args
 
     try:
-        args = parse_args(argv)
+        config = TrainConfig.from_args(parse_args(argv))  # the CLI edge: flags -> typed config
     except ConfigError as e:
         print(f"ophsd train: error: {e}", file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", 1))
-    mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    mp = config.model.tensor_model_parallel_size * config.model.pipeline_model_parallel_size
     if world % mp:
         print(f"ophsd train: error: --tensor-model-parallel-size x --pipeline-model-parallel-size = {mp} "
               f"does not divide the {world} launched ranks (torchrun --nproc-per-node)", file=sys.stderr)
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(args)
+        trainer = Trainer(config)
         return trainer.run()
     except TaskDataError as e:  # a bad data file: a usage error
         print(f"ophsd train: error: {e}", file=sys.stderr)

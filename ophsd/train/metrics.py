@@ -6,9 +6,13 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+
+if TYPE_CHECKING:
+    from ophsd.train.config import TrainConfig
 
 
 def tail(text: str, n: int = 300) -> str:
@@ -44,8 +48,10 @@ class MetricSinks:
     continues from (its JSONL rows past that step are dropped: they are re-run).
     """
 
-    def __init__(self, args, run_dir: Path | None, resumed_at: int | None = None):
-        self.log_interval, self.train_iters, self.max_rollouts = args.log_interval, args.train_iters, args.log_rollouts
+    def __init__(self, config: TrainConfig, run_dir: Path | None, resumed_at: int | None = None):
+        log = config.logging
+        self.log_interval, self.train_iters = log.log_interval, config.optim.train_iters
+        self.max_rollouts = config.eval.log_rollouts
         self.metrics_file = self.rollouts_file = None
         self.tb = self.wandb = None
         if run_dir and _rank0():
@@ -55,21 +61,21 @@ class MetricSinks:
                     if n := drop_rows_after(run_dir / name, resumed_at):
                         _log(f"{name}: dropped {n} rows past step {resumed_at} (they are re-run)")
             self.metrics_file = open(run_dir / "metrics.jsonl", "a")
-            if args.log_rollouts:
+            if self.max_rollouts:
                 self.rollouts_file = open(run_dir / "rollouts.jsonl", "a")
-            (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-            if args.tensorboard:
+            (run_dir / "args.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+            if log.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
                     self.tb = SummaryWriter(str(run_dir / "tensorboard"))
                 except Exception as e:  # noqa: BLE001 - tensorboard is optional
                     _log(f"TensorBoard logging off ({e.__class__.__name__}: {e}); metrics.jsonl still written")
-        if args.wandb_project and _rank0():
+        if log.wandb_project and _rank0():
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=args.wandb_project, config=vars(args),
+                self.wandb = wandb.init(project=log.wandb_project, config=config.to_dict(),
                                         dir=str(run_dir) if run_dir else None)
             except ImportError:
                 _log("--wandb-project given but wandb is not installed (pip install wandb); logging to JSONL only")

@@ -9,6 +9,7 @@ forward. Every ``objective == "distill"`` decision of the trainer is made here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -16,12 +17,15 @@ import torch.distributed as dist
 from ophsd.train import step
 from ophsd.train.pairs import MicroBatch
 
+if TYPE_CHECKING:
+    from ophsd.train.config import TrainConfig
+
 OBJECTIVES = ("distill", "offpolicy")
 
 
-def needs_frozen_teacher(args) -> bool:
+def needs_frozen_teacher(config: TrainConfig) -> bool:
     """A separate teacher model is built (``--teacher initial`` under ``--objective distill``)."""
-    return args.teacher == "initial" and args.objective == "distill"
+    return config.distill.teacher == "initial" and config.task.objective == "distill"
 
 
 @dataclass
@@ -43,11 +47,12 @@ class Objective:
             raise ValueError(f"objective {self.kind!r}: expected one of {', '.join(OBJECTIVES)}")
 
     @classmethod
-    def from_args(cls, args, vocab_size: int) -> "Objective":
-        return cls(kind=args.objective, divergence=args.divergence, beta=args.beta,
-                   temperature=args.distill_temperature, vocab_size=vocab_size, backend=args.kernel_backend,
-                   token_sampling_ratio=args.token_sampling_ratio, entropy_weighting=args.entropy_weighting,
-                   seed=args.seed)
+    def from_config(cls, config: TrainConfig, vocab_size: int) -> "Objective":
+        d = config.distill
+        return cls(kind=config.task.objective, divergence=d.divergence, beta=d.beta,
+                   temperature=d.distill_temperature, vocab_size=vocab_size, backend=d.kernel_backend,
+                   token_sampling_ratio=d.token_sampling_ratio, entropy_weighting=d.entropy_weighting,
+                   seed=config.model.seed)
 
     @property
     def distill(self) -> bool:

@@ -18,6 +18,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,13 @@ from ophsd.train.collect import Collector, ExampleStream, dev_size, eval_example
 from ophsd.train.errors import TrainingError
 from ophsd.train.evaluation import Evaluator
 from ophsd.train.metrics import MetricSinks
-from ophsd.train.objective import Objective
+from ophsd.train.objective import Objective, needs_frozen_teacher
 from ophsd.train.pairs import Sample
 from ophsd.train.sync import WeightSync
 from ophsd.train.update import OptimizerSettings, Packing, Updater, build_optimizer, build_scheduler, wrap_ddp
+
+if TYPE_CHECKING:
+    from ophsd.train.config import TrainConfig
 
 
 def _broadcast(obj):
@@ -46,7 +50,7 @@ def _broadcast(obj):
 
 
 class Trainer:
-    """Builds the roles from the parsed flags (``ophsd.train.config``) and runs the loop.
+    """Builds the roles from the run's :class:`~ophsd.train.config.TrainConfig` and runs the loop.
 
     Public seams: :meth:`train_step` (one step), :meth:`collect_samples`, :meth:`update_on`,
     :meth:`sync_weights`, :meth:`evaluate`, :meth:`save_checkpoint`, :meth:`run`, :meth:`close`;
@@ -54,66 +58,68 @@ class Trainer:
     ``evaluator``, ``checkpoints``, ``sinks``.
     """
 
-    def __init__(self, args):
+    def __init__(self, config: TrainConfig):
         from megatron.core import parallel_state as ps
 
         from ophsd.runtime import distributed
 
-        self.args = args
-        distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+        self.config = c = config
+        m = c.model
+        distributed.initialize(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
         self.ps = ps
-        self.dtype = torch.bfloat16 if args.bf16 else torch.float32
+        self.dtype = torch.bfloat16 if m.bf16 else torch.float32
         self.step_num, self.data_position = 0, 0
         self.counters: Counter = Counter()
         self.stop_requested = False
-        self.run_dir = Path(args.save) if args.save else None
+        self.run_dir = Path(c.logging.save) if c.logging.save else None
         self.checkpoints = RunCheckpoints(self.run_dir)
-        resume_dir = find_checkpoint(args.load, log=_log) if args.load else None
-        model_dir = resume_dir or (args.load if args.load else None)
-        resume_state = read_trainer_state(resume_dir, args.use_distributed_optimizer) if resume_dir else None
+        resume_dir = find_checkpoint(m.load, log=_log) if m.load else None
+        model_dir = resume_dir or (m.load if m.load else None)
+        resume_state = read_trainer_state(resume_dir, m.use_distributed_optimizer) if resume_dir else None
         self._load_data()
         self._build_models(model_dir, verified=resume_dir is not None)
         self._build_update()
         self._build_generation()
-        if args.max_prompt_length is None:
-            args.max_prompt_length = _broadcast(self.collector.derived_max_prompt_length() if _rank0() else None)
+        if c.rollout.max_prompt_length is None:  # the collector reads it from the same config
+            c.rollout.max_prompt_length = _broadcast(self.collector.derived_max_prompt_length() if _rank0() else None)
         if resume_dir:
             self._load_trainer_state(resume_dir, resume_state)
-        self.sinks = MetricSinks(args, self.run_dir, resumed_at=self.step_num if resume_dir else None)
+        self.sinks = MetricSinks(c, self.run_dir, resumed_at=self.step_num if resume_dir else None)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ------------------------------------------------------------------------------ building
     def _build_models(self, model_dir, verified: bool = False):
         """``verified``: ``model_dir`` is a checkpoint :func:`find_checkpoint` checked whole."""
-        m = build_models(self.args, model_dir, self.dtype, verified=verified)
+        c = self.config
+        m = build_models(c.model, model_dir, self.dtype, needs_frozen_teacher(c), verified=verified)
         self.spec, self.tokenizer, self.source, self.hf_files = m.spec, m.tokenizer, m.source, m.hf_files
         self.teacher, self.module = m.teacher, m.student
-        self.model = wrap_ddp(m.student, self.args.use_distributed_optimizer)
+        self.model = wrap_ddp(m.student, c.model.use_distributed_optimizer)
 
     def _build_update(self):
         """The optimizer, the LR scheduler, the objective and the update role over them."""
-        a = self.args
-        self.optimizer = build_optimizer(self.model, OptimizerSettings.from_args(a))
-        self.scheduler = build_scheduler(self.optimizer, a)
-        self.objective = Objective.from_args(a, self.spec.vocab_size)
-        packing = Packing(a.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0, packed=self._packed,
-                          max_tokens=a.max_tokens_per_micro_batch)
+        c = self.config
+        self.optimizer = build_optimizer(self.model, OptimizerSettings.from_config(c))
+        self.scheduler = build_scheduler(self.optimizer, c.optim)
+        self.objective = Objective.from_config(c, self.spec.vocab_size)
+        packing = Packing(c.model.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0, packed=self._packed,
+                          max_tokens=c.model.max_tokens_per_micro_batch)
         self.updater = Updater(self.model, self.module, self.optimizer, self.scheduler, self.objective,
                                self.teacher if self.teacher is not None else self.module, packing, self.counters,
-                               keep_per_token=bool(a.log_rollouts and self.run_dir))
+                               keep_per_token=bool(c.eval.log_rollouts and self.run_dir))
 
     def _load_data(self):
         """Rank 0 reads the training (and eval) data before any model is built: a bad file fails in seconds."""
         from ophsd.tasks import get_task
 
-        a = self.args
-        self.task = get_task(a.task)
+        c = self.config
+        self.task = get_task(c.task.task)
         self.stream, error = None, None
         if _rank0():
             try:
-                self.stream = ExampleStream(self.task, a.data, a.seed, dev_size=dev_size(a))
-                if a.eval_data and not a.skip_eval and not eval_examples(self.task, a):
-                    error = f"--eval-data {a.eval_data}: no usable examples"
+                self.stream = ExampleStream(self.task, c.task.data, c.model.seed, dev_size=dev_size(c))
+                if c.eval.eval_data and not c.eval.skip_eval and not eval_examples(self.task, c):
+                    error = f"--eval-data {c.eval.eval_data}: no usable examples"
             except (ValueError, TrainingError) as e:  # TaskDataError is a ValueError
                 error = str(e)
         error = _broadcast(error)
@@ -122,20 +128,19 @@ class Trainer:
 
     def _build_generation(self):
         """Rank 0 owns the engine, the harness and the data stream (the collector over them)."""
-        a = self.args
+        c = self.config
         self.engine = self.harness = self.collector = self.batch = None
         if _rank0():
             from ophsd.harness import get_harness
-            from ophsd.harness.options import HarnessContext, options_from_args
+            from ophsd.harness.options import HarnessContext
 
-            options = options_from_args(a.harness, a, "train")
-            kwargs = options.harness_kwargs(HarnessContext(self.task, log=_log))
-            self.harness = get_harness(a.harness, self.task, seed=a.seed, **kwargs)
-            self.engine = build_engine(a, self.source, self.tokenizer, self.dtype)
-            self.collector = Collector(a, self.task, self.engine, self.harness, self.tokenizer, self.stream,
+            kwargs = c.task.harness_options().harness_kwargs(HarnessContext(self.task, log=_log))
+            self.harness = get_harness(c.task.harness, self.task, seed=c.model.seed, **kwargs)
+            self.engine = build_engine(c.rollout, c.model.seed, self.source, self.tokenizer, self.dtype)
+            self.collector = Collector(c, self.task, self.engine, self.harness, self.tokenizer, self.stream,
                                        self.objective)
         self.weight_sync = WeightSync(self.module, self.engine, self.ps)
-        self.evaluator = Evaluator(a, self.task, self.run_dir, self.updater, self.collector, self.engine, self.harness)
+        self.evaluator = Evaluator(c, self.task, self.run_dir, self.updater, self.collector, self.engine, self.harness)
         self.sync_weights(version=0)  # collective: every rank takes part in the gather
 
     # ------------------------------------------------------------------------- weight sync
@@ -152,7 +157,7 @@ class Trainer:
         result = self.update_on(kept)  # teacher scores -> objective (per-token loss, token weights) -> update
         self._log_step_rollouts()
         self.step_num += 1
-        self.data_position += self.args.rollout_batch_size
+        self.data_position += self.config.rollout.rollout_batch_size
         result["time/sync"] = self.sync_weights()  # the new weights to the rollout engine
         if self.collector is not None:
             self.collector.end_step(self.batch)  # the harness learns from the step's examples
@@ -184,7 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ the update
     def _packed(self) -> bool:
         """Prefix-tree packing when asked for and the core attention takes a tree mask."""
-        if not self.args.pack_sequences:
+        if not self.config.model.pack_sequences:
             return False
         if not hasattr(self, "_tree_backend"):
             self._tree_backend = self.module.ophsd_inputs.tree_backend  # chosen when the model was built
@@ -221,7 +226,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ eval
     def evaluate(self, tag: str) -> dict | None:
         """Collective: evaluate the current weights (:class:`Evaluator`) and log the row; None with --skip-eval."""
-        if self.args.skip_eval:
+        if self.config.eval.skip_eval:
             return None
         row = self.evaluator.evaluate(tag, self.step_num)  # on rank 0
         if row is not None:
@@ -239,8 +244,8 @@ class Trainer:
             return {"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
                     "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "layout": layout(self.ps),
-                    "distributed_optimizer": self.args.use_distributed_optimizer,
-                    "args": vars(self.args)}
+                    "distributed_optimizer": self.config.model.use_distributed_optimizer,
+                    "args": self.config.to_dict()}
 
         return CheckpointContents(self.module, self.teacher, self.optimizer, self.spec, self.dtype, self.step_num,
                                   trainer_state, self.hf_files, self.source, self.tokenizer)
@@ -262,10 +267,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> int:
-        a = self.args
-        if self.step_num == 0 and not a.skip_eval_before:
+        c = self.config
+        train_iters, save_interval, eval_interval = c.optim.train_iters, c.logging.save_interval, c.eval.eval_interval
+        if self.step_num == 0 and not c.eval.skip_eval_before:
             self.evaluate("before")
-        while self.step_num < a.train_iters:
+        while self.step_num < train_iters:
             stop = torch.tensor(1.0 if self.stop_requested else 0.0, device=comm_device())
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item():
@@ -273,9 +279,9 @@ class Trainer:
                 return 0
             m = self.train_step()
             self.log_metrics(m)
-            if a.save_interval and self.step_num % a.save_interval == 0 and self.step_num < a.train_iters:
+            if save_interval and self.step_num % save_interval == 0 and self.step_num < train_iters:
                 self.save_checkpoint()
-            if a.eval_interval and self.step_num % a.eval_interval == 0 and self.step_num < a.train_iters:
+            if eval_interval and self.step_num % eval_interval == 0 and self.step_num < train_iters:
                 self.evaluate("interval")
         self.evaluate("after")
         if self.run_dir:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,9 @@ from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train import step
 from ophsd.train.objective import Objective
 from ophsd.train.pairs import MicroBatch, Sample, layout_stats, pack
+
+if TYPE_CHECKING:
+    from ophsd.train.config import OptimConfig, TrainConfig
 
 
 def wrap_ddp(module, use_distributed_optimizer: bool):
@@ -48,8 +51,11 @@ class OptimizerSettings:
     use_distributed_optimizer: bool = False  # shard the optimizer state over DP ranks
 
     @classmethod
-    def from_args(cls, args) -> "OptimizerSettings":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+    def from_config(cls, config: TrainConfig) -> "OptimizerSettings":
+        o, m = config.optim, config.model
+        return cls(optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                   adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=m.bf16,
+                   use_distributed_optimizer=m.use_distributed_optimizer)
 
 
 def build_optimizer(ddp_model, settings: OptimizerSettings):
@@ -66,11 +72,11 @@ def build_optimizer(ddp_model, settings: OptimizerSettings):
     return get_megatron_optimizer(cfg, [ddp_model])
 
 
-def build_scheduler(optimizer, args):
+def build_scheduler(optimizer, optim: OptimConfig):
     """megatron-core's LR scheduler from --lr/--min-lr/--lr-warmup-iters/--lr-decay-style/--train-iters."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    a = args
+    a = optim
     decay_iters = max(1, a.train_iters - a.lr_warmup_iters) + a.lr_warmup_iters
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if a.lr_warmup_iters else a.lr, max_lr=a.lr, min_lr=a.min_lr,
