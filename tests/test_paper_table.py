@@ -234,6 +234,46 @@ def test_nothing_run_yet(tmp_path):
     assert "No finished OPHSD run" in md
 
 
+def test_rows_not_requested_are_left_out_not_missing(tmp_path):
+    """A task run with a subset of the methods (arith: base, OPSD, OPHSD) lists only those rows; the
+    others are named as not requested, not counted as missing. Requests accumulate over invocations."""
+    root = tmp_path / "runs"
+    a = root / "arith"
+    bt.record_requested(a, ["base", "opsd"], [0, 1])
+    rec = bt.record_requested(a, ["ophsd+harness", "ophsd", "base"], [2])
+    assert rec == {"rows": ["base", "opsd", "ophsd", "ophsd+harness"], "seeds": [0, 1, 2]}
+    for s in range(3):
+        write_run(a / "ophsd" / f"seed{s}", after=(0.03, 0.03), n_eval=100)
+        write_run(a / "opsd" / f"seed{s}", after=(0.02, None), harness=False, n_eval=100)
+    res = bt.build(root, tmp_path / "out", tasks=["arith"])
+    t = res["tasks"]["arith"]
+    assert list(t["methods"]) == ["base", "opsd", "ophsd", "ophsd+harness"]
+    assert t["rows_not_requested"] == ["base+harness", "offpolicy_sft"]
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "Not run for this task (not requested of run.py): base+harness, offpolicy_sft" in md
+    assert "Every requested run finished." in md and "OPHSD vs offpolicy_sft: not run for this task." in md
+
+
+@pytest.mark.parametrize("base, with_harness, n", [
+    (0.0, 0.01, 100),     # arith's 1 point at n=100: 2 SE = 2.0 points, within
+    (0.0, 0.03, 100),     # 3 points at n=100: 2 SE = 3.4 points, still within
+    (0.017, 0.853, 300),  # BANKING77's gap: far outside
+    (0.10, 0.20, 300),    # 10 points at n=300: 2 SE = 5.8 points, outside
+])
+def test_harness_gap_within_sampling_noise_is_not_a_percentage(tmp_path, base, with_harness, n):
+    se = math.sqrt((base * (1 - base) + with_harness * (1 - with_harness)) / n)
+    within = abs(with_harness - base) <= 2 * se  # the float64 reference decides the case
+    root = tmp_path / "runs"
+    for s in range(3):
+        write_run(root / "arith" / "ophsd" / f"seed{s}", before=(base, with_harness), after=(0.05, 0.05), n_eval=n)
+    md = "\n".join(bt._claims(bt.collect(root, tasks=["arith"])["tasks"]["arith"]))
+    if within:
+        assert f"within 2 binomial standard errors (±{200 * se:.1f} points at n={n})" in md
+        assert "Harness gap closed" not in md
+    else:
+        assert "Harness gap closed by OPHSD" in md and "binomial" not in md
+
+
 def test_base_rows_are_evaluated_once_and_shared(tmp_path):
     """run.py evaluates the untrained model once (greedy, seed-independent): the other seeds' runs
     skip the before-eval; their base cells are 'shared', not missing, and the claims treat the base

@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RECORD = "paper_table_run.json"  # written by run.py into each run directory
+REQUESTED = "requested.json"  # written by run.py into each task directory: the rows and seeds asked for
 DEFAULT_SEEDS = (0, 1, 2)
 TASK_ORDER = ("banking77", "arith", "gsm8k")
 
@@ -163,6 +164,21 @@ def discover_tasks(runs_root: Path) -> list[str]:
     return sorted(found, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
 
 
+def read_requested(task_dir: Path) -> dict:
+    """The rows and seeds run.py was asked for on this task (the union over its invocations); {} if none.
+    A row nobody asked for is left out of the table rather than reported as missing."""
+    return _read_json(Path(task_dir) / REQUESTED) or {}
+
+
+def record_requested(task_dir: Path, rows, seeds) -> dict:
+    old = read_requested(task_dir)
+    rows = set(old.get("rows") or ()) | set(rows)
+    rec = {"rows": [r for r in ROWS if r in rows], "seeds": sorted(set(old.get("seeds") or ()) | set(seeds))}
+    Path(task_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(task_dir) / REQUESTED, json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
 def _run_methods() -> list[str]:
     return list(dict.fromkeys(m for r in ROWS.values() for m in r["run"]))
 
@@ -225,9 +241,11 @@ def collect(runs_root: str | Path, tasks=None, rows=None, seeds=None) -> dict:
            "runs_root": _rel(runs_root), "tasks": {}}
     for task in tasks:
         tdir = runs_root / task
-        task_seeds = sorted(set(seeds) if seeds else set(DEFAULT_SEEDS) | _seed_dirs(tdir))
-        task_rows = list(rows) if rows else list(DEFAULT_ROWS) + (
-            ["ophsd_jsd"] if (tdir / "ophsd_jsd").is_dir() else [])
+        req = read_requested(tdir)
+        task_seeds = sorted(set(seeds) if seeds else set(req.get("seeds") or DEFAULT_SEEDS) | _seed_dirs(tdir))
+        task_rows = list(rows) if rows else [r for r in ROWS if r in set(req.get("rows") or DEFAULT_ROWS)]
+        if not rows and "ophsd_jsd" not in task_rows and (tdir / "ophsd_jsd").is_dir():
+            task_rows.append("ophsd_jsd")
         methods = {}
         for row in task_rows:
             per_seed = [row_entry(runs_root, task, row, s, cache) for s in task_seeds]
@@ -264,6 +282,7 @@ def collect(runs_root: str | Path, tasks=None, rows=None, seeds=None) -> dict:
         budgets = {((cache.get(d) or {}).get("record") or {}).get("budget") for d in cache if d.parent.parent == tdir}
         out["tasks"][task] = {"split": split, "budget": _one(sorted(b for b in budgets if b)),
                               "seeds_requested": task_seeds, "methods": methods,
+                              "rows_not_requested": [r for r in DEFAULT_ROWS if r not in task_rows],
                               "curves": _curves(runs_root, task, task_rows, task_seeds, cache)}
     return out
 
@@ -341,6 +360,15 @@ def _per_seed_cell(m: dict) -> str:
     return ", ".join(parts)
 
 
+def _gap_noise(a: dict, b: dict) -> float | None:
+    """Binomial standard error of the difference of two accuracies on the same n examples (the base
+    rows are one evaluation each, so their seeds give no error bar)."""
+    n = a.get("n") if a.get("n") == b.get("n") else None
+    if not isinstance(n, int) or n < 1:
+        return None
+    return math.sqrt(sum(p * (1 - p) for p in (a["mean"], b["mean"])) / n)
+
+
 def _claims(t: dict) -> list[str]:
     ms = t["methods"]
 
@@ -353,6 +381,9 @@ def _claims(t: dict) -> list[str]:
         return ["- No finished OPHSD run: none of the paper's claims can be checked yet."]
     for other in ("base", "opsd", "offpolicy_sft"):
         o = get(other)
+        if other not in ms:
+            lines.append(f"- OPHSD vs {other}: not run for this task.")
+            continue
         if o is None:
             lines.append(f"- OPHSD vs {other}: not checkable ({other} has no finished run).")
             continue
@@ -368,7 +399,12 @@ def _claims(t: dict) -> list[str]:
     if h is not None:
         lines.append(f"- Harness re-attached to OPHSD − OPHSD standalone: {100 * (h['mean'] - oph['mean']):+.1f} points.")
     bh, base = get("base+harness"), get("base")
-    if bh is not None and base is not None and bh["mean"] != base["mean"]:
+    noise = _gap_noise(bh, base) if bh is not None and base is not None else None
+    if noise is not None and abs(bh["mean"] - base["mean"]) <= 2 * noise:
+        lines.append(f"- Harness gap: base+harness − base = {100 * (bh['mean'] - base['mean']):+.1f} points, within 2 "
+                     f"binomial standard errors (±{200 * noise:.1f} points at n={base['n']}): the harness adds "
+                     "nothing measurable here, so there is no gap for OPHSD to close.")
+    elif bh is not None and base is not None and bh["mean"] != base["mean"]:
         closed = (oph["mean"] - base["mean"]) / (bh["mean"] - base["mean"])
         lines.append(f"- Harness gap closed by OPHSD: {100 * closed:.0f}% (base {_pct(base['mean'])} -> OPHSD "
                      f"{_pct(oph['mean'])}, base+harness {_pct(bh['mean'])}).")
@@ -406,6 +442,8 @@ def render_markdown(res: dict, previous: str | None = None) -> str:
         if t.get("budget"):
             L.append(f"- Budget preset: `{t['budget']}`")
         L.append(f"- Seeds requested: {', '.join(map(str, t['seeds_requested']))}")
+        if t.get("rows_not_requested"):
+            L.append(f"- Not run for this task (not requested of run.py): {', '.join(t['rows_not_requested'])}")
         L += ["", "| method | accuracy % (mean ± std) | seeds | per seed | n eval | steps | samples seen | wall time / seed |",
               "|---|---|---|---|---|---|---|---|"]
         for row, m in t["methods"].items():

@@ -619,6 +619,8 @@ def main(argv=None) -> int:
         return 2
     for p in planned:
         p.data = splits[p.task]
+    for task in a.tasks:
+        bt.record_requested(runs_root / task, a.methods, a.seeds)
     results = Runner(a.jobs or JOBS[a.budget], a.keep_checkpoints, stream=(a.jobs or JOBS[a.budget]) == 1,
                      budget=a.budget).run(todo)
     rc = 0
