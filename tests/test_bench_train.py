@@ -156,8 +156,10 @@ def test_bench_and_trainer_call_the_same_update_function(monkeypatch):
     monkeypatch.setattr(update, "update_step", fake)
     args = SimpleNamespace(divergence="reverse_kl", beta=0.5, distill_temperature=1.0, _layout="packed")
     with pytest.raises(Called):
-        bt.timed_step("model", "module", "opt", "teacher", ["mb"], None, args, SimpleNamespace(vocab_size=10), "torch")
-    u = update.Updater("model", "module", "opt", "sched", update.Objective(), "teacher", update.Packing(2), Counter())
+        bt.timed_step("model", "module", "opt", "teacher", ["mb"], None, args, SimpleNamespace(vocab_size=10), "torch",
+                      "groups")
+    u = update.Updater("model", "module", "opt", "sched", update.Objective(), "teacher", update.Packing(2), Counter(),
+                       "groups")
     monkeypatch.setattr(u, "_share", lambda samples, count_remainder: samples)
     monkeypatch.setattr(u, "_pack", lambda mine: ["mb"])
     with pytest.raises(Called):

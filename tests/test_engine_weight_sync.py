@@ -40,6 +40,7 @@ def _sync_worker(rank, world, hf_dir):
     from ophsd.models import forward, mapping
     from ophsd.models.megatron import build_model, model_spec_from_hf
     from ophsd.rollout.embedded import EmbeddedEngine
+    from ophsd.runtime.groups import ParallelGroups
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     spec = model_spec_from_hf(hf.config, world, 1)
@@ -51,7 +52,7 @@ def _sync_worker(rank, world, hf_dir):
     batches = [{"tokens": torch.randint(0, 400, (2, 12))} for _ in range(2)]
 
     def loss_fn(batch, output, non_loss_data=False):
-        logits = forward.gather_vocab_logits(output.float(), spec.vocab_size)
+        logits = forward.gather_vocab_logits(output.float(), spec.vocab_size, tp_group)
         nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["tokens"][:, 1:, None]).sum()
         return nll, torch.tensor(batch["tokens"][:, 1:].numel()), {"nll": nll.detach()}
 
@@ -99,7 +100,7 @@ def _sync_worker(rank, world, hf_dir):
         seq = PROMPT + (out["gen"][-1][0] if rank == 0 else [0] * 6)
         t = torch.tensor([seq])
         torch.distributed.broadcast(t, src=0)
-        logits = forward.forward_logits(model, [{"tokens": t}])
+        logits = forward.forward_logits(model, [{"tokens": t}], ParallelGroups.from_parallel_state())
         if rank == 0:
             lp = torch.log_softmax(logits[0][0].float(), -1)[len(PROMPT) - 1:-1]
             out["mega_lp"].append(lp.gather(1, t[0, len(PROMPT):, None]).squeeze(1).tolist())

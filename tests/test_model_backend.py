@@ -68,10 +68,12 @@ def _parallel_logits_worker(rank, world, megatron_dir, hf_dir, tp, pp):
 
     from ophsd.models import checkpoint, forward
 
+    from ophsd.runtime.groups import ParallelGroups
+
     model = checkpoint.build_and_load(megatron_dir, tp, pp)
     torch.manual_seed(2)
     mbs = [{"tokens": torch.randint(0, 400, (2, 11))} for _ in range(3)]  # 3 micro-batches: 1F1B warm-up
-    logits = forward.forward_logits(model, mbs)
+    logits = forward.forward_logits(model, mbs, ParallelGroups.from_parallel_state())
     if logits is None:
         return None
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -136,7 +138,7 @@ def _grad_worker(rank, world, hf_dir, tp):
     mbs = [{"tokens": torch.randint(0, 400, (2, 9))} for _ in range(2)]
 
     def loss_fn(batch, output, non_loss_data=False):
-        logits = forward.gather_vocab_logits(output.float(), spec.vocab_size)
+        logits = forward.gather_vocab_logits(output.float(), spec.vocab_size, ps.get_tensor_model_parallel_group())
         logp = torch.log_softmax(logits[:, :-1], -1)
         nll = -logp.gather(-1, batch["tokens"][:, 1:, None]).sum()
         return nll, torch.tensor(batch["tokens"][:, 1:].numel()), {"nll": nll.detach()}

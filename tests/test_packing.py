@@ -95,9 +95,9 @@ def _pass_worker(rank, world, model_dir, tp, pp, kind, forward_only=False):
     out = {}
     for packed in (False, True):
         mbs = step.to_device(pack(samples, 4, packed=packed, max_tokens=48), comm_device())
-        teacher = step.teacher_response_logits(tr.teacher, mbs)
-        base = step.divergence_loss(teacher, kind=kind, beta=0.5, temperature=1.0, vocab_size=tr.spec.vocab_size,
-                                    backend="torch")
+        teacher = step.teacher_response_logits(tr.teacher, mbs, tr.groups)
+        base = step.divergence_loss(teacher, tr.groups, kind=kind, beta=0.5, temperature=1.0,
+                                    vocab_size=tr.spec.vocab_size, backend="torch")
         seen = []
 
         def per_token(rows, mb, i, w):
@@ -106,7 +106,8 @@ def _pass_worker(rank, world, model_dir, tp, pp, kind, forward_only=False):
             return v
 
         tr.model.zero_grad_buffer()
-        res = step.student_pass(tr.model, mbs, per_token, [mb.weights for mb in mbs], forward_only=forward_only)
+        res = step.student_pass(tr.model, mbs, per_token, [mb.weights for mb in mbs], tr.groups,
+                                forward_only=forward_only)
         grads = {k: p.main_grad.detach().double().clone() for k, p in tr.module.named_parameters()}
         last = teacher[0] is not None
         out[packed] = dict(loss=res["loss"], grads=grads, n_mb=len(mbs),

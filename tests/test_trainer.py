@@ -253,7 +253,7 @@ def _opt_ckpt_worker(rank, world, model_dir, run_dir, extra, load):
         tr.save_checkpoint()
     assert tr.step_num == 1
     loss = tr.update_on(_fixed_samples())["loss"]
-    full = {k: v.clone() for k, v in mapping.iter_full_megatron_tensors(tr.module, tr.ps.get_tensor_model_parallel_group())}
+    full = {k: v.clone() for k, v in mapping.iter_full_megatron_tensors(tr.module, tr.groups.tp)}
     tr.close()
     return dict(loss=loss, weights=full if rank == 0 else None)
 

@@ -390,7 +390,8 @@ def make_microbatches(args, vocab: int, dp_rank: int, device, layout: str = "pad
 # ------------------------------------------------------------------------------------- step
 
 
-def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend) -> tuple[float, list]:
+def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args, spec, backend,
+               groups) -> tuple[float, list]:
     """One update through the trainer's own update function (``ophsd.train.update.update_step``), rollouts aside.
 
     Returns (loss, [teacher, student, optimizer] seconds). The token weights are the samples'
@@ -402,7 +403,7 @@ def timed_step(model, module, optimizer, teacher, mbs, fixed_teacher_rows, args,
     objective = Objective("distill", divergence=args.divergence, beta=args.beta, temperature=args.distill_temperature,
                           vocab_size=spec.vocab_size, backend=backend)
     fixed = None if teacher is not None else (fixed_teacher_rows or [None] * len(mbs))  # --no-teacher
-    r = update_step(model, module, optimizer, mbs, objective, teacher, teacher_rows=fixed,
+    r = update_step(model, module, optimizer, mbs, objective, teacher, groups=groups, teacher_rows=fixed,
                     full_logits=getattr(args, "_layout", "padded") == "full-logits", sync=bc.sync)
     if r.skipped:
         raise BenchError(f"non-finite loss or gradient with backend {backend} (loss {r.loss}); "
@@ -431,7 +432,7 @@ def _max_over_ranks(values: list[float], device) -> list[float]:
     return t.cpu().tolist()
 
 
-def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, fixed_rows) -> dict:
+def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, fixed_rows, groups) -> dict:
     """``a.warmup_steps`` + ``a.steps`` steps of a fresh student (``init_state``) and optimizer."""
     import torch
 
@@ -461,7 +462,7 @@ def run_backend(a, spec, device, dtype, backend: str, init_state, teacher, mbs, 
         dist.barrier()
         bc.sync()
         with bc.Stopwatch() as sw:
-            loss, ph = timed_step(model, student, optimizer, teacher, mbs, fixed_rows, a, spec, backend)
+            loss, ph = timed_step(model, student, optimizer, teacher, mbs, fixed_rows, a, spec, backend, groups)
             bc.sync()
         wall, cpu = sw.wall, sw.cpu
         losses.append(loss)
@@ -550,16 +551,16 @@ def run(args, backends_arg: list[str]) -> int:
 def _run_initialized(args, hf, spec, device, backends) -> int:
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     from ophsd.models.megatron import build_model, te_available
+    from ophsd.runtime.groups import ParallelGroups
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     teacher_len = args.seq_length + args.teacher_extra_length
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     world = dist.get_world_size()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    groups = ParallelGroups.from_parallel_state()
+    dp, dp_rank = groups.dp_size, groups.dp_rank
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = args.peak_tflops if args.peak_tflops else (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
     dev_name = device_description()
@@ -587,7 +588,7 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         mbs = make_microbatches(args, spec.vocab_size, dp_rank, device, layout)
         stats = layout_stats(mbs)
         fixed_rows = None
-        if args.no_teacher and ps.is_pipeline_last_stage():
+        if args.no_teacher and groups.is_pipeline_last_stage:
             g = torch.Generator(device=device).manual_seed(args.seed + 7)
             v_local = spec.padded_vocab_size // tp
             fixed_rows = [torch.randn(mb.targets.numel(), v_local, generator=g, device=device).to(dtype) for mb in mbs]
@@ -608,7 +609,8 @@ def _run_initialized(args, hf, spec, device, backends) -> int:
         args._layout = layout
         for backend in backends:
             _log(f"backend {backend}: {args.warmup_steps} warm-up + {args.steps} timed steps")
-            res = summarise(run_backend(args, spec, device, dtype, backend, init_state, teacher, mbs, fixed_rows), ctx)
+            res = summarise(run_backend(args, spec, device, dtype, backend, init_state, teacher, mbs, fixed_rows,
+                                        groups), ctx)
             res.update(layout=layout, num_microbatches=len(mbs), teacher_tokens_per_step=teacher_tokens,
                        student_positions_per_token=stats["layout/student_positions_per_token"],
                        teacher_positions_per_token=stats["layout/teacher_positions_per_token"])

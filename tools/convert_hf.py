@@ -286,18 +286,19 @@ def cmd_verify(args) -> int:
     dtype = DTYPES[args.dtype]
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
     distributed.initialize(args.tp, args.pp)
-    from megatron.core import parallel_state as ps
+    from ophsd.runtime.groups import ParallelGroups
 
+    groups = ParallelGroups.from_parallel_state()
     model = checkpoint.build_and_load(args.megatron_dir, args.tp, args.pp, params_dtype=dtype).eval()
     tok = load_tokenizer(source)
     prompts = args.prompt or DEFAULT_PROMPTS
     ids = [_chat_ids(tok, p) for p in prompts]
-    last = ps.is_pipeline_last_stage()
+    last = groups.is_pipeline_last_stage
     hf_model = load_hf_model(source, dtype) if last else None
     rows, worst, agree, total = [], 0.0, 0, 0
     for p, x in zip(prompts, ids):
         t = torch.tensor([x])
-        logits = forward.forward_logits(model, [{"tokens": t}])
+        logits = forward.forward_logits(model, [{"tokens": t}], groups)
         if last:
             logits = [x.cpu() for x in logits]
             with torch.no_grad():
@@ -306,7 +307,7 @@ def cmd_verify(args) -> int:
             same = (logits[0].argmax(-1) == ref.argmax(-1)).sum().item()
             worst, agree, total = max(worst, diff), agree + same, total + t.numel()
             rows.append((p, diff, same / t.numel()))
-    answer = greedy_generate(model, tok, ids[0], args.max_new_tokens)
+    answer = greedy_generate(model, tok, ids[0], args.max_new_tokens, groups)
     # The last stage holds the numbers; send them to rank 0 for the report.
     result = [rows, worst, agree, total]
     src_rank = dist.get_world_size() - 1
@@ -335,7 +336,7 @@ def _chat_ids(tok, prompt: str) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
-def greedy_generate(model, tok, prompt_ids: list[int], max_new_tokens: int) -> str:
+def greedy_generate(model, tok, prompt_ids: list[int], max_new_tokens: int, groups) -> str:
     """Greedy decoding through the pipeline (full recompute per token; a check, not an engine)."""
     import torch.distributed as dist
 
@@ -346,7 +347,7 @@ def greedy_generate(model, tok, prompt_ids: list[int], max_new_tokens: int) -> s
     eos = tok.eos_token_id
     last_rank = dist.get_world_size() - 1
     for _ in range(max_new_tokens):
-        logits = forward.forward_logits(model, [{"tokens": torch.tensor([ids])}])
+        logits = forward.forward_logits(model, [{"tokens": torch.tensor([ids])}], groups)
         nxt = torch.tensor([int(logits[0][0, -1].argmax()) if logits is not None else 0],
                            device=distributed.comm_device())
         dist.broadcast(nxt, src=last_rank)

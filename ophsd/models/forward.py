@@ -18,15 +18,17 @@ from typing import Callable
 
 import torch
 
+from ophsd.runtime.groups import ParallelGroups
 
-def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """All-gather vocab-parallel logits over TP and drop the padding columns.
+
+def gather_vocab_logits(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """All-gather vocab-parallel logits over ``tp_group`` and drop the padding columns.
 
     Only for verification and generation-side checks: the trainer never gathers logits.
     """
     from megatron.core import tensor_parallel
 
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=tp_group)
     return full[..., :vocab_size]
 
 
@@ -109,15 +111,13 @@ def run_schedule(model, microbatches: list[dict], loss_fn: Callable, forward_onl
     )
 
 
-def forward_logits(model, microbatches: list[dict]) -> list[torch.Tensor] | None:
+def forward_logits(model, microbatches: list[dict], groups: ParallelGroups) -> list[torch.Tensor] | None:
     """Full-vocabulary logits (true vocab) per micro-batch on the last stage; None elsewhere."""
-    from megatron.core import parallel_state as ps
-
     vocab = model.ophsd_spec.vocab_size
 
     def collect(batch, output, non_loss_data=False):
-        return gather_vocab_logits(output.float(), vocab)
+        return gather_vocab_logits(output.float(), vocab, groups.tp)
 
     with torch.no_grad():
         out = run_schedule(model, microbatches, collect, forward_only=True, collect_non_loss_data=True)
-    return list(out) if ps.is_pipeline_last_stage() else None
+    return list(out) if groups.is_pipeline_last_stage else None

@@ -134,12 +134,6 @@ class CheckpointContents:
     tokenizer: object = None
 
 
-def layout(ps) -> dict:
-    """This run's TP/PP/DP sizes (RNG streams are restored only on the same layout)."""
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
-
-
 class RunCheckpoints:
     """The checkpoints of one run directory (``run_dir`` None: no checkpoints are written)."""
 

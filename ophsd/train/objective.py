@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ophsd.runtime.groups import ParallelGroups
 from ophsd.train import step
 from ophsd.train.pairs import MicroBatch
 
@@ -30,7 +31,10 @@ def needs_frozen_teacher(config: TrainConfig) -> bool:
 
 @dataclass
 class Objective:
-    """The per-token loss and token weights of one run (the trainer's flags, or the benchmark's)."""
+    """The per-token loss and token weights of one run (the trainer's flags, or the benchmark's).
+
+    A value (the collector reads it too); the process groups its collectives run over are an
+    argument of each method that needs them."""
 
     kind: str = "distill"  # one of OBJECTIVES
     divergence: str = "reverse_kl"  # distill: reverse_kl, forward_kl or jsd
@@ -64,29 +68,30 @@ class Objective:
         """The metrics key of the step's loss."""
         return f"divergence/{self.divergence if self.distill else 'nll'}"
 
-    def teacher_rows(self, teacher, mbs: list[MicroBatch], full_logits: bool = False) -> list:
+    def teacher_rows(self, teacher, mbs: list[MicroBatch], groups: ParallelGroups, full_logits: bool = False) -> list:
         """The teacher's vocab-parallel logits at the response rows per micro-batch (last stage;
         None elsewhere, and everywhere for ``offpolicy``)."""
         if not self.distill:
             return [None] * len(mbs)
-        return step.teacher_response_logits(teacher, mbs, full_logits=full_logits)
+        return step.teacher_response_logits(teacher, mbs, groups, full_logits=full_logits)
 
-    def per_token_loss(self, teacher_rows: list) -> step.PerTokenLoss:
+    def per_token_loss(self, teacher_rows: list, groups: ParallelGroups) -> step.PerTokenLoss:
         if self.distill:
-            return step.divergence_loss(teacher_rows, kind=self.divergence, beta=self.beta,
+            return step.divergence_loss(teacher_rows, groups, kind=self.divergence, beta=self.beta,
                                         temperature=self.temperature, vocab_size=self.vocab_size,
                                         backend=self.backend)
-        return step.nll_loss(self.vocab_size)
+        return step.nll_loss(self.vocab_size, groups)
 
-    def token_weights(self, mbs: list[MicroBatch], teacher_rows: list, step_num: int) -> list[torch.Tensor]:
+    def token_weights(self, mbs: list[MicroBatch], teacher_rows: list, step_num: int,
+                      groups: ParallelGroups) -> list[torch.Tensor]:
         """Per-token weights of each micro-batch: the sample weight x (optional) random or
         entropy-weighted subsampling (drawn on the last pipeline stage, where the loss is)."""
-        from megatron.core import parallel_state as ps
+        if not groups.is_pipeline_last_stage:
+            return [mb.weights for mb in mbs]
+        return [self._token_weights(mb, rows, step_num, groups) for mb, rows in zip(mbs, teacher_rows)]
 
-        last = ps.is_pipeline_last_stage()
-        return [self._token_weights(mb, rows, step_num) if last else mb.weights for mb, rows in zip(mbs, teacher_rows)]
-
-    def _token_weights(self, mb: MicroBatch, teacher_rows: torch.Tensor | None, step_num: int) -> torch.Tensor:
+    def _token_weights(self, mb: MicroBatch, teacher_rows: torch.Tensor | None, step_num: int,
+                       groups: ParallelGroups) -> torch.Tensor:
         w = mb.weights.clone()
         if self.token_sampling_ratio >= 1:
             return w
@@ -94,7 +99,7 @@ class Objective:
         n = w.numel()
         k = max(1, int(round(self.token_sampling_ratio * n)))
         if self.entropy_weighting and teacher_rows is not None:
-            probs = self.teacher_entropy(teacher_rows).clamp_min(1e-6).cpu()
+            probs = self.teacher_entropy(teacher_rows, groups).clamp_min(1e-6).cpu()
         else:
             probs = torch.ones(n)
         alive = (w > 0).cpu()
@@ -103,13 +108,11 @@ class Objective:
         mask[keep] = 1.0
         return w * mask.to(w.device)
 
-    def teacher_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+    def teacher_entropy(self, logits: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
         """Entropy of the tempered teacher over TP vocab shards (padding excluded)."""
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_tensor_model_parallel_group()
+        group = groups.tp
         x = logits.float() / self.temperature
-        start = ps.get_tensor_model_parallel_rank() * x.shape[-1]
+        start = groups.tp_rank * x.shape[-1]
         valid = max(0, min(x.shape[-1], self.vocab_size - start))
         x = x[:, :valid]
         m = x.max(-1).values

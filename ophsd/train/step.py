@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ophsd.runtime.distributed import comm_device
+from ophsd.runtime.groups import ParallelGroups
 from ophsd.train.pairs import MicroBatch
 
 # (student response rows [n, V/TP], micro-batch, its index, token weights [n]) -> per-token loss [n]
@@ -32,14 +33,13 @@ def _response_rows(output: torch.Tensor, rows, full_logits: bool) -> torch.Tenso
     return output[rows.rows, rows.pos] if full_logits else output[0]
 
 
-def teacher_response_logits(teacher, mbs: list[MicroBatch], full_logits: bool = False) -> list[torch.Tensor | None]:
+def teacher_response_logits(teacher, mbs: list[MicroBatch], groups: ParallelGroups,
+                            full_logits: bool = False) -> list[torch.Tensor | None]:
     """Teacher forward (no grad): only the response rows of its vocab-parallel logits are kept,
     one ``[n, V/TP]`` tensor per micro-batch on the last pipeline stage (None elsewhere).
 
     ``full_logits``: run the output layer at every position and index afterwards (the layout
     before response-row selection; kept for the step benchmark's baseline)."""
-    from megatron.core import parallel_state as ps
-
     from ophsd.models import forward
 
     def keep(batch, output, non_loss_data=False):
@@ -48,36 +48,29 @@ def teacher_response_logits(teacher, mbs: list[MicroBatch], full_logits: bool = 
     with torch.no_grad():
         out = forward.run_schedule(teacher, [forward.batch_of(mb.teacher, full_logits, mb=mb) for mb in mbs], keep,
                                    forward_only=True, collect_non_loss_data=True)
-    return list(out) if ps.is_pipeline_last_stage() else [None] * len(mbs)
+    return list(out) if groups.is_pipeline_last_stage else [None] * len(mbs)
 
 
-def divergence_loss(teacher_rows: list, *, kind: str, beta: float, temperature: float, vocab_size: int,
-                    backend: str = "auto") -> PerTokenLoss:
+def divergence_loss(teacher_rows: list, groups: ParallelGroups, *, kind: str, beta: float, temperature: float,
+                    vocab_size: int, backend: str = "auto") -> PerTokenLoss:
     """Per-token divergence between the student's response rows and the teacher's, over TP shards."""
-    from megatron.core import parallel_state as ps
-
     from ophsd_kernels import vocab_parallel_divergence
-
-    group = ps.get_tensor_model_parallel_group()
 
     def per_token(rows, mb, i, w):
         return vocab_parallel_divergence(rows, teacher_rows[i], kind=kind, beta=beta, temperature=temperature,
-                                         weights=w, vocab_size=vocab_size, group=group, reduction="none",
+                                         weights=w, vocab_size=vocab_size, group=groups.tp, reduction="none",
                                          backend=backend)
 
     return per_token
 
 
-def nll_loss(vocab_size: int) -> PerTokenLoss:
+def nll_loss(vocab_size: int, groups: ParallelGroups) -> PerTokenLoss:
     """Cross-entropy of the response tokens over vocab shards, padding columns masked (off-policy baseline)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
 
     def per_token(rows, mb, i, w):
         v_local = rows.shape[-1]
-        start = tp_rank * v_local
+        start = groups.tp_rank * v_local
         x = rows.float()
         if start + v_local > vocab_size:
             x = x.clone()
@@ -88,7 +81,7 @@ def nll_loss(vocab_size: int) -> PerTokenLoss:
 
 
 def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_weights: list[torch.Tensor],
-                 forward_only: bool = False, full_logits: bool = False) -> dict:
+                 groups: ParallelGroups, forward_only: bool = False, full_logits: bool = False) -> dict:
     """Student forward (+backward) through megatron's pipeline schedule.
 
     The objective is the token-weighted mean of ``per_token`` over every micro-batch of every DP
@@ -97,14 +90,12 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
     Returns ``loss`` (that mean, the same on every rank), ``tokens``, ``tokens_weighted`` and
     ``per_token`` (the unweighted per-token values in micro-batch order, CPU; last stage only).
     """
-    from megatron.core import parallel_state as ps
-
     from ophsd.models import forward
 
     dev = comm_device()
-    dp = ps.get_data_parallel_world_size()
+    dp = groups.dp_size
     total_w = torch.stack([w.sum() for w in token_weights]).sum().to(dev, torch.float32)
-    dist.all_reduce(total_w, group=ps.get_data_parallel_group())  # same on every TP/PP rank
+    dist.all_reduce(total_w, group=groups.dp)  # same on every TP/PP rank
     scale = dp * len(mbs) / max(float(total_w), 1e-12)
 
     values: list[torch.Tensor | None] = [None] * len(mbs)
@@ -123,12 +114,12 @@ def student_pass(model, mbs: list[MicroBatch], per_token: PerTokenLoss, token_we
         out = forward.run_schedule(model, [forward.batch_of(mb.student, full_logits, mb=mb, i=i) for i, mb in enumerate(mbs)],
                                    loss_fn, forward_only=forward_only)
     stats = torch.zeros(3, device=dev)
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+    if groups.is_pipeline_last_stage and groups.tp_rank == 0:
         for o in out:
             stats += torch.stack([o["wsum"].float(), o["w"].float(), o["n"].float()]).to(dev)
     dist.all_reduce(stats)
     wsum, wtot, n = stats.tolist()
-    last = ps.is_pipeline_last_stage()
+    last = groups.is_pipeline_last_stage
     return {"loss": wsum / max(wtot, 1e-12), "tokens": int(n), "tokens_weighted": wtot,
             "per_token": torch.cat(values) if last and values else None}
 

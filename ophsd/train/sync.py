@@ -9,30 +9,32 @@ import torch.distributed as dist
 
 from ophsd.runtime.distributed import comm_device
 from ophsd.runtime.distributed import is_rank0 as _rank0
+from ophsd.runtime.groups import ParallelGroups
 
 
 class WeightSync:
-    """Collective: every rank calls :meth:`push`; ``engine`` is rank 0's (None elsewhere)."""
+    """Collective: every rank calls :meth:`push`; ``engine`` is rank 0's (None elsewhere);
+    ``groups``: the TP group the tensors are gathered over, the PP group they are streamed over."""
 
-    def __init__(self, module, engine, ps):
-        self.module, self.engine, self.ps = module, engine, ps
+    def __init__(self, module, engine, groups: ParallelGroups):
+        self.module, self.engine, self.groups = module, engine, groups
 
     def stage_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """This pipeline stage's HF-named full tensors (collective over TP)."""
         from ophsd.models import mapping
 
-        return list(mapping.iter_hf_tensors(self.module, self.ps.get_tensor_model_parallel_group()))
+        return list(mapping.iter_hf_tensors(self.module, self.groups.tp))
 
     @torch.no_grad()
     def push(self, version: int) -> float:
         """Gather HF-named full tensors from every pipeline stage to rank 0 and push them as weight
         version ``version``; returns the seconds it took."""
         t0 = time.perf_counter()
-        ps = self.ps
-        pp_group, pp = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+        g = self.groups
+        pp_group, pp = g.pp, g.pp_size
         tensors: list[tuple[str, torch.Tensor]] = []
         mine = self.stage_tensors()
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        if g.tp_rank == 0 and g.dp_rank == 0:
             ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [dist.get_rank()]
             for stage, src in enumerate(ranks):
                 if pp == 1:

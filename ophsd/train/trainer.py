@@ -26,10 +26,11 @@ import torch.distributed as dist
 from ophsd.runtime.distributed import comm_device
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.runtime.groups import ParallelGroups
 from ophsd.tasks.base import TaskDataError
 from ophsd.train.build import build_engine, build_models
-from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_checkpoint, layout,
-                                       read_trainer_state, restore_optimizer_and_rng)
+from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_checkpoint, read_trainer_state,
+                                       restore_optimizer_and_rng)
 from ophsd.train.collect import Collector, ExampleStream, dev_size, eval_examples
 from ophsd.train.errors import TrainingError
 from ophsd.train.evaluation import Evaluator
@@ -55,18 +56,17 @@ class Trainer:
     Public seams: :meth:`train_step` (one step), :meth:`collect_samples`, :meth:`update_on`,
     :meth:`sync_weights`, :meth:`evaluate`, :meth:`save_checkpoint`, :meth:`run`, :meth:`close`;
     the roles themselves: ``collector`` (rank 0), ``objective``, ``updater``, ``weight_sync``,
-    ``evaluator``, ``checkpoints``, ``sinks``.
+    ``evaluator``, ``checkpoints``, ``sinks``; ``groups``: the process groups (built once, after
+    megatron's parallel init) that the updater, the objective and the weight sync are given.
     """
 
     def __init__(self, config: TrainConfig):
-        from megatron.core import parallel_state as ps
-
         from ophsd.runtime import distributed
 
         self.config = c = config
         m = c.model
         distributed.initialize(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
-        self.ps = ps
+        self.groups = ParallelGroups.from_parallel_state()  # passed to the roles: none of them reads the globals
         self.dtype = torch.bfloat16 if m.bf16 else torch.float32
         self.step_num, self.data_position = 0, 0
         self.counters: Counter = Counter()
@@ -106,7 +106,7 @@ class Trainer:
                           max_tokens=c.model.max_tokens_per_micro_batch)
         self.updater = Updater(self.model, self.module, self.optimizer, self.scheduler, self.objective,
                                self.teacher if self.teacher is not None else self.module, packing, self.counters,
-                               keep_per_token=bool(c.eval.log_rollouts and self.run_dir))
+                               self.groups, keep_per_token=bool(c.eval.log_rollouts and self.run_dir))
 
     def _load_data(self):
         """Rank 0 reads the training (and eval) data before any model is built: a bad file fails in seconds."""
@@ -139,7 +139,7 @@ class Trainer:
             self.engine = build_engine(c.rollout, c.model.seed, self.source, self.tokenizer, self.dtype)
             self.collector = Collector(c, self.task, self.engine, self.harness, self.tokenizer, self.stream,
                                        self.objective)
-        self.weight_sync = WeightSync(self.module, self.engine, self.ps)
+        self.weight_sync = WeightSync(self.module, self.engine, self.groups)
         self.evaluator = Evaluator(c, self.task, self.run_dir, self.updater, self.collector, self.engine, self.harness)
         self.sync_weights(version=0)  # collective: every rank takes part in the gather
 
@@ -243,7 +243,7 @@ class Trainer:
         def trainer_state():  # rank 0
             return {"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
                     "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "layout": layout(self.ps),
+                    "layout": self.groups.layout,
                     "distributed_optimizer": self.config.model.use_distributed_optimizer,
                     "args": self.config.to_dict()}
 
@@ -252,7 +252,7 @@ class Trainer:
 
     def _load_trainer_state(self, ckpt: Path, state: dict) -> None:
         """Model and optimizer reshard to any TP/PP/DP; RNG streams return only on the same layout."""
-        restore_optimizer_and_rng(ckpt, state, self.optimizer, self.module, self.scheduler, layout(self.ps))
+        restore_optimizer_and_rng(ckpt, state, self.optimizer, self.module, self.scheduler, self.groups.layout)
         self.step_num, self.data_position = state["step"], state["data_position"]
         self.counters.clear()  # the object the updater counts in
         self.counters.update(state["counters"])

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ophsd.runtime.distributed import comm_device
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.runtime.groups import ParallelGroups
 from ophsd.train import step
 from ophsd.train.objective import Objective
 from ophsd.train.pairs import MicroBatch, Sample, layout_stats, pack
@@ -104,24 +105,25 @@ def _nothing() -> None:
 
 
 def update_step(model, module, optimizer, mbs: list[MicroBatch], objective: Objective, teacher, *,
-                scheduler=None, step_num: int = 0, teacher_rows: list | None = None, full_logits: bool = False,
-                sync: Callable[[], None] = _nothing) -> StepResult:
+                groups: ParallelGroups, scheduler=None, step_num: int = 0, teacher_rows: list | None = None,
+                full_logits: bool = False, sync: Callable[[], None] = _nothing) -> StepResult:
     """One update of ``model`` (DDP-wrapped ``module``) on this rank's micro-batches: the teacher
     forward (``teacher_rows``: given instead), the token weights and per-token loss of
     ``objective``, the student forward+backward, then the optimizer and ``scheduler`` step unless
     a loss or gradient is non-finite on any rank (then the gradients are dropped: ``skipped``).
+    ``groups``: this rank's process groups (the loss's collectives and stage tests).
     ``sync`` is called before each clock reading (the benchmark's CUDA synchronize)."""
     t0 = time.perf_counter()
     if teacher_rows is None:
-        teacher_rows = objective.teacher_rows(teacher, mbs, full_logits=full_logits)
+        teacher_rows = objective.teacher_rows(teacher, mbs, groups, full_logits=full_logits)
     sync()
     t1 = time.perf_counter()
-    token_w = objective.token_weights(mbs, teacher_rows, step_num)
-    per_token = objective.per_token_loss(teacher_rows)
+    token_w = objective.token_weights(mbs, teacher_rows, step_num, groups)
+    per_token = objective.per_token_loss(teacher_rows, groups)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     t2 = time.perf_counter()
-    res = step.student_pass(model, mbs, per_token, token_w, full_logits=full_logits)
+    res = step.student_pass(model, mbs, per_token, token_w, groups, full_logits=full_logits)
     sync()
     t3 = time.perf_counter()
     out = StepResult(res["loss"], res["tokens"], res["tokens_weighted"], res["per_token"])
@@ -155,17 +157,16 @@ class Updater:
     :func:`update_step`; also the forward-only loss of a fixed batch (the probe)."""
 
     def __init__(self, model, module, optimizer, scheduler, objective: Objective, teacher, packing: Packing,
-                 counters: Counter, keep_per_token: bool = False):
-        """``teacher``: the model that scores (the frozen copy, or ``module`` itself);
+                 counters: Counter, groups: ParallelGroups, keep_per_token: bool = False):
+        """``teacher``: the model that scores (the frozen copy, or ``module`` itself); ``groups``:
+        this rank's process groups (its DP share, the loss's collectives);
         ``keep_per_token``: rank 0 gets DP rank 0's per-token losses in ``meta["per_token_loss"]``."""
         self.model, self.module, self.optimizer, self.scheduler = model, module, optimizer, scheduler
-        self.objective, self.teacher, self.packing = objective, teacher, packing
+        self.objective, self.teacher, self.packing, self.groups = objective, teacher, packing, groups
         self.counters, self.keep_per_token = counters, keep_per_token
 
     def _share(self, samples: list[Sample], count_remainder: bool) -> list[Sample] | None:
-        from megatron.core import parallel_state as ps
-
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp, dp_rank = self.groups.dp_size, self.groups.dp_rank
         per_rank = len(samples) // dp if len(samples) >= dp else 0
         if per_rank == 0:
             return None
@@ -188,7 +189,7 @@ class Updater:
             return {"skipped_step": 1}
         mbs = self._pack(mine)
         r = update_step(self.model, self.module, self.optimizer, mbs, self.objective, self.teacher,
-                        scheduler=self.scheduler, step_num=step_num)
+                        groups=self.groups, scheduler=self.scheduler, step_num=step_num)
         self._attach_per_token(mine, r.per_token)
         result = {**layout_stats(mbs), "loss": r.loss, self.objective.metric: r.loss,
                   "tokens": r.tokens, "tokens_weighted": r.tokens_weighted,
@@ -209,24 +210,23 @@ class Updater:
         if mine is None:
             return None
         mbs = self._pack(mine)
-        rows = self.objective.teacher_rows(self.teacher, mbs)
-        token_w = self.objective.token_weights(mbs, rows, step_num)
-        return step.student_pass(self.model, mbs, self.objective.per_token_loss(rows), token_w,
+        g = self.groups
+        rows = self.objective.teacher_rows(self.teacher, mbs, g)
+        token_w = self.objective.token_weights(mbs, rows, step_num, g)
+        return step.student_pass(self.model, mbs, self.objective.per_token_loss(rows, g), token_w, g,
                                  forward_only=True)["loss"]
 
     def _attach_per_token(self, mine: list[Sample], values: torch.Tensor | None) -> None:
         """Rank 0 gets the per-token loss of DP rank 0's samples (``meta["per_token_loss"]``, for
         rollouts.jsonl) from the last pipeline stage of its pipeline."""
-        from megatron.core import parallel_state as ps
-
+        g = self.groups
         if not self.keep_per_token:
             return
-        if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+        if g.tp_rank != 0 or g.dp_rank != 0:
             return
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            group = ps.get_pipeline_model_parallel_group()
+        if g.pp_size > 1:
             box = [values]
-            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(g.pp)[-1], group=g.pp)
             values = box[0]
         if not _rank0() or values is None:
             return
