@@ -26,6 +26,14 @@ def is_rank0() -> bool:
     return dist.get_rank() == 0
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None): rank 0 alone owns the
+    engine and the run directory, and every rank must take the same decision from what it saw."""
+    box = [obj if is_rank0() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def log_rank0(msg: str, prefix: str = "ophsd") -> None:
     """Print ``[prefix] msg`` on rank 0 only."""
     if is_rank0():

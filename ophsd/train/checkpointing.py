@@ -16,17 +16,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train.errors import TrainingError
 
 LATEST = "latest_checkpointed_iteration.txt"
-
-
-def _broadcast(obj):
-    box = [obj if _rank0() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def iter_dirs(run_dir: Path) -> dict[int, list[Path]]:
@@ -212,7 +207,7 @@ def write_checkpoint(tmp: Path, contents: CheckpointContents) -> None:
         checkpoint.save_model(contents.teacher, tmp / "teacher")
     checkpoint.save_optimizer(contents.optimizer, contents.module, tmp / "optimizer")
     collective(_write_small_files, tmp, contents)
-    names = _broadcast(checkpoint.list_files(tmp) if _rank0() else None)
+    names = broadcast_from_rank0(checkpoint.list_files(tmp) if _rank0() else None)
     shares = collective(checkpoint.hash_files, tmp, names[dist.get_rank()::dist.get_world_size()])
     collective(lambda: _rank0() and checkpoint.write_manifest(tmp, {k: v for d in shares for k, v in d.items()}))
 

@@ -6,20 +6,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch.distributed as dist
 
+from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train.collect import eval_examples
 
 if TYPE_CHECKING:
     from ophsd.train.config import TrainConfig
-
-
-def _broadcast(obj):
-    box = [obj if _rank0() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class Evaluator:
@@ -39,7 +33,7 @@ class Evaluator:
         if self._probe is None:
             c = self.config
             examples = eval_examples(self.task, c)[: c.rollout.rollout_batch_size] if _rank0() else None
-            self._probe = _broadcast(self.collector.probe_samples(examples) if _rank0() else None)
+            self._probe = broadcast_from_rank0(self.collector.probe_samples(examples) if _rank0() else None)
         if not self._probe:
             return None
         return self.updater.loss(self._probe, step_num)

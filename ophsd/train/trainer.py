@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ophsd.runtime.distributed import comm_device
+from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.runtime.groups import ParallelGroups
@@ -42,12 +43,6 @@ from ophsd.train.update import OptimizerSettings, Packing, Updater, build_optimi
 
 if TYPE_CHECKING:
     from ophsd.train.config import TrainConfig
-
-
-def _broadcast(obj):
-    box = [obj if _rank0() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class Trainer:
@@ -81,7 +76,7 @@ class Trainer:
         self._build_update()
         self._build_generation()
         if c.rollout.max_prompt_length is None:  # the collector reads it from the same config
-            c.rollout.max_prompt_length = _broadcast(self.collector.derived_max_prompt_length() if _rank0() else None)
+            c.rollout.max_prompt_length = broadcast_from_rank0(self.collector.derived_max_prompt_length() if _rank0() else None)
         if resume_dir:
             self._load_trainer_state(resume_dir, resume_state)
         self.sinks = MetricSinks(c, self.run_dir, resumed_at=self.step_num if resume_dir else None)
@@ -122,7 +117,7 @@ class Trainer:
                     error = f"--eval-data {c.eval.eval_data}: no usable examples"
             except (ValueError, TrainingError) as e:  # TaskDataError is a ValueError
                 error = str(e)
-        error = _broadcast(error)
+        error = broadcast_from_rank0(error)
         if error:  # a bad --data/--eval-data file: the user's to fix (exit 2 in main)
             raise TaskDataError(error)
 
@@ -172,7 +167,7 @@ class Trainer:
             self.batch = self.collector.collect(self.step_num, self.data_position)
             if self.batch is not None:
                 payload = self.batch.problem or (self.batch.kept, self.batch.stats)
-        payload = _broadcast(payload)
+        payload = broadcast_from_rank0(payload)
         if payload is None:
             self.save_checkpoint(reason="rollout failure")
             raise TrainingError("rollouts failed for a whole batch three times in a row; checkpoint saved")
