@@ -272,6 +272,10 @@ class EvalConfig:
                                 "runs them standalone and in the harness: on 2 CPU cores ~10 min for SmolLM2 on "
                                 "BANKING77; lower it for smoke runs (one of 100 examples moves accuracy 1 point)",
                            type=int)
+    eval_harness: str = flag("every", "which evals also run the harness-attached model (the costly half: on 2 CPU "
+                                      "cores ~17 min for 300 BANKING77 messages): every eval, or only the 'before' "
+                                      "and 'after' ones (ends: interval evals are standalone only), or none (never)",
+                             choices=["every", "ends", "never"])
     skip_eval: bool = flag(False, "no evaluation at all", action="store_true")
     skip_eval_before: bool = flag(False, "no evaluation of the untrained model at step 0 (when another run already "
                                          "measured it)", action="store_true")

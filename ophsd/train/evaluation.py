@@ -48,6 +48,8 @@ class Evaluator:
 
         examples = eval_examples(self.task, c)
         harness = self.harness if c.task.harness != "opsd" else None
+        if c.eval.eval_harness == "never" or (tag == "interval" and c.eval.eval_harness == "ends"):
+            harness = None
         res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir))
         if self.run_dir:
             pred_dir = self.run_dir / "eval_predictions"
