@@ -636,3 +636,16 @@ def test_train_package_has_one_small_class_per_role_and_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert "update" in graph["trainer"] and "trainer" not in graph["update"]
+
+
+@pytest.mark.parametrize("mode,harness_tags", [("every", ["before", "interval", "after"]),
+                                               ("ends", ["before", "after"]), ("never", [])])
+def test_eval_harness_chooses_which_evals_run_the_harness(tiny_model_dir, tmp_path, mode, harness_tags):
+    """--eval-harness: interval evals can skip the costly harness-attached half (ends), or every
+    eval can (never); standalone accuracy is always measured."""
+    m = _train(tiny_model_dir("llama"), tmp_path / "run", "--train-iters", 2, "--eval-interval", 1,
+               "--eval-limit", 2, "--eval-harness", mode, skip_eval=False)
+    evals = [r for r in m if "tag" in r]
+    assert [r["tag"] for r in evals] == ["before", "interval", "after"]
+    assert all(0.0 <= r["eval/standalone_accuracy"] <= 1.0 and r["eval/n"] == 2 for r in evals)
+    assert [r["tag"] for r in evals if "eval/harness_accuracy" in r] == harness_tags
