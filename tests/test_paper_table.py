@@ -403,6 +403,29 @@ def test_plan_commands_resume_and_skip(tmp_path):
         R.plan("cpu", ["banking77"], ["ophsd"], [1], root, lr=1e-4)
 
 
+def test_flags_after_the_separator_are_folded_into_the_run_config(tmp_path):
+    """``-- --train-iters 36 ...``: the run's state, eval file and resume check see 36, not the
+    preset's 12 (a 36-step run used to count as finished once its step-12 row was there)."""
+    from ophsd.train.config import TrainConfig, build_parser
+
+    extra = ["--train-iters", "36", "--teacher", "current", "--skip-eval-before", "--eval-limit=100",
+             "--lr", "3e-4", "--pass-ks", "1", "4"]
+    cfg = R.run_config("cpu", "banking77", "ophsd", 0, extra=extra)
+    assert cfg["train_iters"] == 36 and cfg["teacher"] == "current" and cfg["skip_eval_before"] is True
+    assert cfg["eval_limit"] == 100 and cfg["lr"] == 3e-4 and cfg["pass_ks"] == [1, 4]
+    assert "extra_args" not in cfg
+    argv = R.flags(cfg)
+    assert argv.count("--train-iters") == 1 and argv[argv.index("--train-iters") + 1] == "36"
+    assert argv[argv.index("--pass-ks") + 1: argv.index("--pass-ks") + 3] == ["1", "4"]
+    cfg.pop("pass_ks")  # a flag of ophsd.eval, not of the trainer
+    assert TrainConfig.from_args(build_parser().parse_args(R.flags(cfg) + ["--save", str(tmp_path), "--data", str(_fixture_csv(tmp_path))])).optim.train_iters == 36
+    run = tmp_path / "banking77" / "ophsd" / "seed0"
+    write_run(run, after=(0.3, 0.8), steps=12)
+    (run / R.LATEST).write_text("12\n")
+    assert R.run_state(run, cfg["train_iters"]) == ("resume", 12)
+    assert R.run_state(run, 12)[0] == "finished"
+
+
 def test_presets_fit_trainer_constraints():
     """Global batch = rollout x samples must divide by the micro-batch for every method."""
     for budget, tasks in R.PRESETS.items():
@@ -421,7 +444,7 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert not root.exists()
     cmds = [line for line in out.splitlines() if "-m ophsd.train" in line]
-    assert len(cmds) == 2 and all("--task arith" in c and c.endswith("--teacher current") for c in cmds)
+    assert len(cmds) == 2 and all("--task arith" in c and "--teacher current" in c and "initial" not in c for c in cmds)
     assert "arith/ophsd/seed1: fresh" in out
 
 

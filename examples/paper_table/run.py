@@ -184,9 +184,45 @@ def run_config(budget: str, task: str, method: str, seed: int, lr: float | None 
         cfg["skip_eval_before"] = not eval_before
     if model:
         cfg["model"] = model
-    if extra:
-        cfg["extra_args"] = list(extra)
+    rest = fold_flags(cfg, extra)
+    if rest:
+        cfg["extra_args"] = rest
     return cfg
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def fold_flags(cfg: dict, extra) -> list[str]:
+    """Fold the trainer flags after ``--`` into ``cfg`` (``--train-iters 36`` sets ``train_iters``,
+    a bare ``--skip-eval-before`` sets True, ``--pass-ks 1 4`` a list), so that what they change is what the run's state,
+    data files and resume check see (``-- --train-iters 36`` used to leave the preset's 12 there:
+    a 36-step run counted as finished at step 12). Returns what is not ``--flag [value]``."""
+    toks, rest, i = [str(t) for t in extra], [], 0
+    while i < len(toks):
+        t = toks[i]
+        if not t.startswith("--") or t == "--":
+            rest.append(t)
+            i += 1
+            continue
+        key, eq, val = t[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            cfg[key], i = _value(val), i + 1
+        else:
+            j = i + 1
+            while j < len(toks) and not toks[j].startswith("--"):
+                j += 1
+            vals = [_value(v) for v in toks[i + 1: j]]
+            cfg[key] = True if not vals else vals[0] if len(vals) == 1 else vals  # several: nargs="+"
+            i = j
+    return rest
 
 
 def flags(cfg: dict) -> list[str]:
@@ -195,7 +231,9 @@ def flags(cfg: dict) -> list[str]:
         if k == "extra_args" or v is None or v is False:
             continue
         out.append("--" + k.replace("_", "-"))
-        if v is not True:
+        if isinstance(v, list):
+            out.extend(map(str, v))
+        elif v is not True:
             out.append(str(v))
     return out
 
