@@ -267,6 +267,24 @@ def test_draft_verify_prompts_and_modes(tmp_path):
     assert s["mode/full"] == 2 and s["mode/draft_only"] == 1 and s["draft/failed"] == 1
 
 
+def test_draft_verify_label_list_in_every_system_message(tmp_path):
+    """--harness-label-list: the task's whole label list in the system message of the draft and
+    verify calls (so in the teacher context), identical across calls; off by default."""
+    task, data = bank_task_and_data(tmp_path)
+    bank = build_bank(data, task, embedder="tfidf", progress=False)
+    ex = [Example("q1", "card not arrived yet", "card_arrival"), Example("q3", "exchange rate wrong", "exchange_rate")]
+    on = DraftVerifyHarness(task, bank=bank, k=3, cold_start=4, progress=False, label_list=True)
+    res = on.run(ex, ScriptedEngine(copy_last_label), training=False)
+    systems = [m[0]["content"] for r in res for m in [r.teacher_messages, r.trace[0]["messages"]]]
+    assert len(set(systems)) == 1 and systems[0].endswith(task.label_list_text())
+    assert all(f"- {task.display_label(lab)}" in systems[0] for lab in task.labels)
+    assert [r.answer for r in res] == ["card_arrival", "exchange_rate"]  # the turns after it are unchanged
+    off = DraftVerifyHarness(task, bank=bank, k=3, cold_start=4, progress=False)
+    plain = off.run(ex, ScriptedEngine(copy_last_label), training=False)
+    assert plain[0].teacher_messages[0]["content"] == on.system_message()[0]["content"].split("\n\n")[0]
+    assert plain[0].teacher_messages[1:] == res[0].teacher_messages[1:]
+
+
 def test_draft_verify_cold_start_online_bank_and_training_update(tmp_path):
     task, data = bank_task_and_data(tmp_path)
     h = DraftVerifyHarness(task, embedder="tfidf", cold_start=4, progress=False)

@@ -53,9 +53,15 @@ class DraftVerifyOptions(HarnessOptions):
         train=dict(help="draft-verify: seed the memory bank from this labelled file (default: empty bank, "
                         "grown online with each step's true labels)"))
     bank_cache: str | None = option(None, "save/load the bank's precomputed embeddings here (.npz)", clis=("eval",))
+    label_list: bool = option(False, "draft-verify: also list every label in the system message of the draft and "
+                                     "verify calls, so in the OPHSD teacher context (the teacher then knows which "
+                                     "strings are labels; the few-shot turns alone show only their own)",
+                              flag="--harness-label-list", exclusive=True)
 
     def harness_kwargs(self, ctx: HarnessContext) -> dict:
         kw = {"k": self.k, "cold_start": self.cold_start, "embedder": self.embedder}
+        if self.label_list:
+            kw["label_list"] = True
         if self.bank_data:
             examples, source = ctx.read(self.bank_data)
             kw["bank"] = build_bank(examples, ctx.task, embedder=self.embedder, cache=self.bank_cache,
@@ -74,7 +80,7 @@ class DraftVerifyHarness(Harness):
     def __init__(self, task, bank: MemoryBank | None = None, embedder="auto", k: int = 5,
                  n_confirm: int = 3, n_contrast: int = 3, cold_start: int = 16,
                  draft_tokens: int | None = None, verify_tokens: int | None = None,
-                 max_text_chars: int = 300, fuzzy_cutoff: float | None = 0.8, **kw):
+                 max_text_chars: int = 300, fuzzy_cutoff: float | None = 0.8, label_list: bool = False, **kw):
         super().__init__(task, **kw)
         if getattr(task, "kind", None) != "classification":
             raise ValueError(f"draft_verify needs a classification task, got {task.name!r} ({task.kind})")
@@ -87,6 +93,7 @@ class DraftVerifyHarness(Harness):
         # Similarity (difflib ratio) above which a misspelt copy of a *shown* label counts as that
         # label ("top_up_revented" -> "top_up_reverted"); None disables it.
         self.fuzzy_cutoff = fuzzy_cutoff
+        self.label_list = bool(label_list)
 
     # -- bank -------------------------------------------------------------------------------
     def update(self, examples: Sequence[Example]) -> None:
@@ -112,6 +119,9 @@ class DraftVerifyHarness(Harness):
         t = self.task
         text = getattr(t, "label_system_prompt", None) or (
             f"You label {t.input_noun.lower()}s with their {t.label_noun}. Reply with the {t.label_noun} only.")
+        if self.label_list and getattr(t, "labels", None):
+            # The same for every call (no draft in it): a prefix the packed teacher pass shares.
+            text += f"\n\nPossible {t.label_noun}s:\n{t.label_list_text()}"
         return [{"role": "system", "content": text}]
 
     def _shots(self, neighbours: Sequence[Neighbour]) -> list[dict]:
