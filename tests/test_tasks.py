@@ -366,6 +366,11 @@ def test_default_max_prompt_length_covers_the_prompts_training_builds(tmp_path):
     long_nbs = [Neighbour("a long message " * 30, f"intent_{i:02d}", 1.0, i) for i in range(3)]
     verify = _count(h.verify_messages(data[0], "intent_00", long_nbs, long_nbs))
     assert n >= 1.25 * max(student, draft, verify) and draft < verify
+    # --harness-label-list: every draft/verify context also holds the whole label list
+    hl = DraftVerifyHarness(t, bank=h.bank, k=5, progress=False, label_list=True)
+    verify_l = _count(hl.verify_messages(data[0], "intent_00", long_nbs, long_nbs))
+    assert verify_l > student and 1.25 * verify_l > n  # the default without it would not cover it
+    assert t.default_max_prompt_length(_count, data, k_neighbours=5, label_list=True) >= 1.25 * verify_l
     # math: the plan-solve teacher context holds a plan of --plan-tokens tokens
     g = get_task("gsm8k")
     ex = [Example(id=str(i), question="Tom has 3 apples. " * (i + 1) + "How many?", answer="3",

@@ -279,7 +279,8 @@ class Task:
     # -- prompt length ----------------------------------------------------------------------
     prompt_length_margin = 1.25
 
-    def prompt_contexts(self, ex: Example, k_neighbours: int = 5, plan_tokens: int = 256) -> list[tuple[Messages, int]]:
+    def prompt_contexts(self, ex: Example, k_neighbours: int = 5, plan_tokens: int = 256,
+                        label_list: bool = False) -> list[tuple[Messages, int]]:
         """Every prompt training pairs a response with for ``ex``, as ``(messages, tokens generated
         into it)``: the student prompt and each built-in harness's teacher context (here OPSD's:
         the prompt + the reference; subclasses add theirs). Built with the harnesses' own code."""
@@ -288,7 +289,8 @@ class Task:
         return [(self.student_messages(ex), 0), (opsd_teacher_messages(self, ex), 0)]
 
     def default_max_prompt_length(self, count_tokens: Callable[[Messages], int], examples: Sequence[Example],
-                                  k_neighbours: int = 5, plan_tokens: int = 256, n_longest: int = 8) -> int:
+                                  k_neighbours: int = 5, plan_tokens: int = 256, n_longest: int = 8,
+                                  label_list: bool = False) -> int:
         """``--max-prompt-length`` when none is given: the longest prompt training builds
         (:meth:`prompt_contexts`: student prompt and teacher contexts) over the ``n_longest``
         examples with the longest texts and the ``n_longest`` with the longest references, in
@@ -301,7 +303,7 @@ class Task:
         by_ref = sorted(examples, key=lambda e: len(self.reference_text(e)), reverse=True)
         picked = list({id(e): e for e in by_text[:n_longest] + by_ref[:n_longest]}.values())
         need = max(count_tokens(m) + extra for e in picked
-                   for m, extra in self.prompt_contexts(e, k_neighbours, plan_tokens))
+                   for m, extra in self.prompt_contexts(e, k_neighbours, plan_tokens, label_list))
         return int(math.ceil(need * self.prompt_length_margin / 64) * 64)
 
     # -- answers ----------------------------------------------------------------------------

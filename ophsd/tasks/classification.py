@@ -119,14 +119,15 @@ class ClassificationTask(Task):
             return ex.answer[0] if ex.answer else None
         return ex.answer
 
-    def prompt_contexts(self, ex, k_neighbours=5, plan_tokens=256):
+    def prompt_contexts(self, ex, k_neighbours=5, plan_tokens=256, label_list=False):
         """Adds draft-verify's draft and verify contexts at their largest: every shot's text at the
-        harness's clip length (this example's text repeated) with the longest labels."""
+        harness's clip length (this example's text repeated) with the longest labels (and the
+        whole label list in the system message with ``label_list``: --harness-label-list)."""
         from ophsd.harness.draft_verify import DraftVerifyHarness
         from ophsd.harness.memory_bank import MemoryBank, Neighbour
 
-        out = super().prompt_contexts(ex, k_neighbours, plan_tokens)
-        h = DraftVerifyHarness(self, bank=MemoryBank("tfidf"), k=k_neighbours, progress=False)
+        out = super().prompt_contexts(ex, k_neighbours, plan_tokens, label_list)
+        h = DraftVerifyHarness(self, bank=MemoryBank("tfidf"), k=k_neighbours, progress=False, label_list=label_list)
         text = " ".join(self.input_text(ex).split()) or "x"
         filler = " ".join([text] * (h.max_text_chars // len(text) + 1))[: h.max_text_chars]
         labels = sorted(self.labels, key=lambda x: len(self.format_answer(x)), reverse=True) or [ex.answer]

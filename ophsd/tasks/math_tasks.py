@@ -67,12 +67,12 @@ class MathTask(Task):
     def student_messages(self, ex: Example):
         return self._with_system(f"{ex.question}\n\n{MATH_INSTRUCTION}")
 
-    def prompt_contexts(self, ex, k_neighbours=5, plan_tokens=256):
+    def prompt_contexts(self, ex, k_neighbours=5, plan_tokens=256, label_list=False):
         """Adds plan-solve's solve context (problem + plan + hint) with a plan of ``plan_tokens``."""
         from ophsd.harness.plan_solve import PlanSolveHarness
 
         h = PlanSolveHarness(self, plan_tokens=plan_tokens, progress=False)
-        return super().prompt_contexts(ex, k_neighbours, plan_tokens) + [
+        return super().prompt_contexts(ex, k_neighbours, plan_tokens, label_list) + [
             (h.solve_messages(ex, "1.", training=True), h.plan_tokens)]
 
     def extract_answer(self, text):

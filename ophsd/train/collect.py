@@ -199,7 +199,8 @@ class Collector:
         flags = self.config.task.harness_flags  # the task sizes prompts by these, whichever harness runs
         examples = self.stream.examples if self.stream.examples is not None else self.stream.batch(0, 256)
         n = self.task.default_max_prompt_length(lambda m: len(self.engine.apply_chat_template(m)), examples,
-                                                k_neighbours=flags["bank_k"], plan_tokens=flags["plan_tokens"])
+                                                k_neighbours=flags["bank_k"], plan_tokens=flags["plan_tokens"],
+                                                label_list=bool(flags.get("harness_label_list")))
         _log(f"--max-prompt-length {n}: derived from the task (the longest student prompt or teacher context "
              f"it builds on this data, +{self.task.prompt_length_margin - 1:.0%})")
         return n
