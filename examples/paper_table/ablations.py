@@ -27,9 +27,12 @@ ABLATIONS = [
     ("OPHSD", "cpu-steps72-lr1e-4/banking77/ophsd/seed1", "lr 1e-4, 72 steps"),
     ("OPHSD, label list in the teacher", "cpu-steps36-lr1e-4-labellist/banking77/ophsd/seed0",
      "lr 1e-4, 36 steps, --harness-label-list"),
+    ("OPHSD, label list in the teacher", "cpu-steps36-lr1e-4-labellist/banking77/ophsd/seed1",
+     "lr 1e-4, 36 steps, --harness-label-list"),
     ("OPHSD, JSD (beta 0.5)", "cpu-steps36-lr1e-4/banking77/ophsd_jsd/seed0", "lr 1e-4, 36 steps, --divergence jsd"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
+    ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed1", "lr 1e-4, 36 steps"),
 ]
 
 
@@ -68,16 +71,17 @@ def plot(rows: list[dict], base: float | None, path: Path) -> Path | None:
     except ImportError:
         print("ablations: matplotlib is not installed: ablations.png skipped")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     for r in rows:
         pts = ([(0, base)] if base is not None and r["curve"] and r["curve"][0][0] > 0 else []) + r["curve"]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{r['label']} ({r['what']}, seed {r['seed']})")
+            ax.plot(*zip(*pts), marker="o", ls="--" if "SFT" in r["label"] else "-",
+                    label=f"{r['label']} ({r['what']}, seed {r['seed']})")
     if base is not None:
         ax.axhline(base, color="grey", ls=":", lw=1, label=f"base {base:.1f}")
     ax.set_xlabel("training step")
     ax.set_ylabel("standalone accuracy % (BANKING77 dev, n=300)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
