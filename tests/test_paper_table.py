@@ -424,6 +424,15 @@ def test_flags_after_the_separator_are_folded_into_the_run_config(tmp_path):
     (run / R.LATEST).write_text("12\n")
     assert R.run_state(run, cfg["train_iters"]) == ("resume", 12)
     assert R.run_state(run, 12)[0] == "finished"
+    # A finished constant-lr run asked for more steps is resumed (the same run, longer); a decaying
+    # schedule, or fewer steps, is refused.
+    (run / bt.RECORD).write_text(json.dumps({"config": R.run_config("cpu", "banking77", "ophsd", 0,
+                                                                     extra=["--train-iters", "12"]), "attempts": []}))
+    longer = R.plan("cpu", ["banking77"], ["ophsd"], [0], tmp_path, extra=["--train-iters", "36"])[0]
+    assert longer.state == "resume" and longer.resume_step == 12 and "--load" in longer.argv
+    for extra in (["--train-iters", "6"], ["--train-iters", "36", "--lr-decay-style", "cosine"]):
+        with pytest.raises(R.PlanError, match="train_iters|lr_decay_style"):
+            R.plan("cpu", ["banking77"], ["ophsd"], [0], tmp_path, extra=extra)
 
 
 def test_presets_fit_trainer_constraints():

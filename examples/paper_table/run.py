@@ -302,6 +302,7 @@ def plan(budget: str = "cpu", tasks=DEFAULT_TASKS, rows=bt.DEFAULT_ROWS, seeds=(
                     rec = read_record(run_dir)
                     diff = sorted(k for k in set(rec.get("config") or {}) | set(cfg)
                                   if k not in NOT_TRAINING_FLAGS and _norm(rec["config"].get(k)) != _norm(cfg.get(k))
+                                  and not _extends(rec["config"], cfg, k)
                                   ) if rec.get("config") is not None else []
                     if diff:
                         raise PlanError(
@@ -319,6 +320,13 @@ def plan(budget: str = "cpu", tasks=DEFAULT_TASKS, rows=bt.DEFAULT_ROWS, seeds=(
 
 def _norm(x):
     return json.dumps(x, sort_keys=True)
+
+
+def _extends(old: dict, new: dict, key: str) -> bool:
+    """More steps of a constant-learning-rate run are the same run, longer (its schedule up to the
+    old last step does not depend on --train-iters): resumed, not refused. A decaying schedule is not."""
+    return (key == "train_iters" and old.get("lr_decay_style") == new.get("lr_decay_style") == "constant"
+            and isinstance(old.get(key), int) and isinstance(new.get(key), int) and new[key] > old[key])
 
 
 # ----------------------------------------------------------------------------- data
