@@ -32,7 +32,6 @@ ABLATIONS = [
     ("OPHSD, JSD (beta 0.5)", "cpu-steps36-lr1e-4/banking77/ophsd_jsd/seed0", "lr 1e-4, 36 steps, --divergence jsd"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
-    ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed1", "lr 1e-4, 36 steps"),
 ]
 
 
