@@ -36,8 +36,8 @@ ABLATIONS = [
 
 
 def curve(run: dict) -> list[tuple[int, float]]:
-    """(step, standalone accuracy %) of every eval row; the base model's at step 0 when the run
-    skipped its own before-eval (every run here starts from the same weights)."""
+    """(step, standalone accuracy %) of every eval row (the plot adds the base model's at step 0
+    to runs that skipped their own before-eval: every run here starts from the same weights)."""
     return [(int(r["step"]), 100.0 * r["eval/standalone_accuracy"]) for r in run["evals"]]
 
 
