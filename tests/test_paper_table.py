@@ -522,3 +522,23 @@ def test_runner_records_attempts_and_skips_finished(tmp_path):
     e = bt.row_entry(root, "arith", "ophsd", 0, {})
     assert e["accuracy"] == 0.4 and e["wall_time_s"] == a["elapsed_s"] and e["machine"] == a["machine"]
     assert e["split"] == "arith dev stream, problems 0..4" and e["samples_seen"] == 4
+
+
+def test_ablation_label_answers_and_standard_error(tmp_path):
+    """ablations.py's diagnosis columns: answers that are a label (and right) at the last eval,
+    read from eval_predictions/ rows as the Evaluator writes them; binomial s.e. in points."""
+    ab = _load("ablations")
+    run = tmp_path / "run"
+    assert ab.label_answers(run) is None  # no predictions: an empty cell, not a crash
+    pred = run / "eval_predictions"
+    pred.mkdir(parents=True)
+    rows_old = [{"step": 12, "standalone_answer": "a", "standalone_correct": True}] * 4
+    rows_last = [{"step": 24, "standalone_answer": "card_arrival", "standalone_correct": True},
+                 {"step": 24, "standalone_answer": "top_up_limits", "standalone_correct": False},
+                 {"step": 24, "standalone_answer": None, "standalone_correct": False},
+                 {"step": 24, "standalone_answer": None, "standalone_correct": False}]
+    (pred / "step_0000012.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_old))
+    (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
+    assert ab.label_answers(run) == (2, 1, 4)
+    assert ab.std_error(15.0, 300) == pytest.approx(100 * math.sqrt(0.15 * 0.85 / 300), abs=1e-12)
+    assert ab.std_error(0.0, 300) == 0.0

@@ -12,6 +12,8 @@ step, samples seen, wall time) and ``ablations.png`` (standalone accuracy vs ste
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,6 +31,8 @@ ABLATIONS = [
      "lr 1e-4, 36 steps, --harness-label-list"),
     ("OPHSD, label list in the teacher", "cpu-steps36-lr1e-4-labellist/banking77/ophsd/seed1",
      "lr 1e-4, 36 steps, --harness-label-list"),
+    ("OPHSD, label list in the teacher", "cpu-steps120-lr1e-4-labellist/banking77/ophsd/seed0",
+     "lr 1e-4, 120 steps, --harness-label-list"),
     ("OPHSD, JSD (beta 0.5)", "cpu-steps36-lr1e-4/banking77/ophsd_jsd/seed0", "lr 1e-4, 36 steps, --divergence jsd"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
@@ -41,6 +45,24 @@ def curve(run: dict) -> list[tuple[int, float]]:
     return [(int(r["step"]), 100.0 * r["eval/standalone_accuracy"]) for r in run["evals"]]
 
 
+def label_answers(run_dir: Path) -> tuple[int, int, int] | None:
+    """(answers that are one of the labels, of those correct, n) at the last evaluated step, from
+    ``eval_predictions/``: tells a student that answers with the wrong label from one that invents
+    label names (the standalone score counts an exact label only)."""
+    files = sorted((run_dir / "eval_predictions").glob("step_*.jsonl"))
+    if not files:
+        return None
+    rows = [json.loads(ln) for ln in files[-1].read_text().splitlines() if ln.strip()]
+    valid = [r for r in rows if r.get("standalone_answer") is not None]
+    return len(valid), sum(bool(r.get("standalone_correct")) for r in valid), len(rows)
+
+
+def std_error(pct: float, n: int) -> float:
+    """Binomial standard error in points: how far one n-message eval moves by sampling alone."""
+    p = pct / 100.0
+    return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
 def samples_per_step(run: dict) -> int | None:
     a = run["args"]
     if not a:
@@ -50,13 +72,17 @@ def samples_per_step(run: dict) -> int | None:
 
 def table(rows: list[dict]) -> str:
     steps = sorted({s for r in rows for s, _ in r["curve"]})
-    head = ["run", "seed", "what differs", *[f"step {s}" for s in steps], "samples / step", "wall time", "status"]
+    head = ["run", "seed", "what differs", *[f"step {s}" for s in steps], "last: ± s.e.",
+            "last: label answers (right)", "samples / step", "wall time", "status"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = dict(r["curve"])
         cells = [f"{acc[s]:.1f}" if s in acc else "" for s in steps]
         wall = f"{r['wall'] / 60:.0f} min" if r["wall"] else "-"
-        out.append("| " + " | ".join([r["label"], str(r["seed"]), r["what"], *cells,
+        la = r["label_answers"]
+        se = f"± {std_error(r['curve'][-1][1], la[2]):.1f}" if la and r["curve"] else ""
+        valid = f"{la[0]}/{la[2]} ({la[1]})" if la else ""
+        out.append("| " + " | ".join([r["label"], str(r["seed"]), r["what"], *cells, se, valid,
                                        str(r["per_step"] or "-"), wall, r["status"]]) + " |")
     return "\n".join(out)
 
@@ -101,14 +127,17 @@ def main(argv=None) -> int:
         wall, _ = bt._wall_time(run)
         seed = run["args"].get("seed", rel.rsplit("seed", 1)[-1])
         rows.append({"label": label, "what": what, "seed": seed, "curve": curve(run), "per_step": samples_per_step(run),
-                     "wall": wall, "status": run["status"] if run["exists"] else "missing", "dir": rel})
+                     "wall": wall, "status": run["status"] if run["exists"] else "missing", "dir": rel,
+                     "label_answers": label_answers(a.runs / rel)})
     a.out_dir.mkdir(parents=True, exist_ok=True)
     md = ["# Ablations: OPHSD on BANKING77 (CPU budget), single runs",
           "",
           f"Standalone accuracy % on the table's 300 dev messages (greedy, exact label) at each evaluated step; "
           f"base (step 0, deterministic): {base:.1f}. Every run: 8 prompts per step, responses <= 24 tokens, "
           "teacher = initial weights inside draft-verify unless stated; 'samples / step' counts on-policy "
-          "samples (SFT: harness answers). Rebuilt by `python examples/paper_table/ablations.py` from:"
+          "samples (SFT: harness answers). 'last: ± s.e.' is the binomial standard error of the last "
+          "eval (sampling noise of n=300 messages alone); 'label answers (right)' counts the last eval's "
+          "answers that are one of the 77 labels, and how many of those are the gold one. Rebuilt by `python examples/paper_table/ablations.py` from:"
           if base is not None else "Base evaluation missing.",
           "",
           *[f"- {r['label']} ({r['what']}): `runs/{r['dir']}`" for r in rows],
