@@ -540,5 +540,9 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
     (pred / "step_0000012.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_old))
     (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
     assert ab.label_answers(run) == (2, 1, 4)
+    rows_last[2]["standalone"], rows_last[2]["gold"] = "top_up_limit", "top_up_limits"  # a near-copy of gold
+    rows_last[3]["standalone"], rows_last[3]["gold"] = "top_up_limit", "card_arrival"  # a near-copy, not gold
+    (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
+    assert ab.near_copy_correct(run, ["card_arrival", "top_up_limits"]) == 2
     assert ab.std_error(15.0, 300) == pytest.approx(100 * math.sqrt(0.15 * 0.85 / 300), abs=1e-12)
     assert ab.std_error(0.0, 300) == 0.0

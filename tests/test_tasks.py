@@ -380,3 +380,15 @@ def test_default_max_prompt_length_covers_the_prompts_training_builds(tmp_path):
     plan = "x" * 800  # 200 tokens of _count
     assert n >= 1.25 * max(max(_count(ps.solve_messages(e, plan, training=True)),
                                _count(opsd_teacher_messages(g, e)), _count(g.student_messages(e))) for e in ex)
+
+
+def test_closest_label_reads_near_copies_only():
+    from ophsd.tasks.rewards import closest_label
+
+    labels = ["top_up_limits", "top_up_reverted", "card_arrival"]
+    assert closest_label("top_up_revented", labels) == "top_up_reverted"
+    assert closest_label("Top Up Limit\nbecause ...", labels) == "top_up_limits"  # first line, normalised
+    assert closest_label("<think>hm</think>card arival", labels) == "card_arrival"
+    assert closest_label("not_able_to_prove_identity", labels) is None  # an invented label is not a copy
+    assert closest_label("", labels) is None and closest_label(None, labels) is None
+    assert closest_label("top_up_limit", labels, cutoff=0.99) is None

@@ -18,7 +18,6 @@ without ``--bank-data``: after each example's own prediction). ``state_dict`` ho
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,7 +27,7 @@ from ophsd.harness.base import Harness, HarnessResult, register_harness
 from ophsd.harness.memory_bank import MemoryBank, Neighbour, build_bank
 from ophsd.harness.options import HarnessContext, HarnessOptions, option
 from ophsd.tasks.base import Example
-from ophsd.tasks.rewards import LabelParser, normalize_label, strip_think
+from ophsd.tasks.rewards import LabelParser, closest_label
 
 
 def _clip(text: str, n: int) -> str:
@@ -164,12 +163,10 @@ class DraftVerifyHarness(Harness):
             if got is not None:
                 return got
             if self.fuzzy_cutoff:
-                first = next((ln for ln in strip_think(text).splitlines() if ln.strip()), "")
-                norm = {normalize_label(c): c for c in flat}
-                close = difflib.get_close_matches(normalize_label(first), list(norm), n=1, cutoff=self.fuzzy_cutoff)
-                if close:
+                close = closest_label(text, flat, self.fuzzy_cutoff)
+                if close is not None:
                     self.count("parse/fuzzy")
-                    return norm[close[0]]
+                    return close
         return t.extract_answer(text)
 
     # -- run --------------------------------------------------------------------------------

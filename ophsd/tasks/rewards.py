@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 import warnings
@@ -167,6 +168,17 @@ def normalize_label(s: str) -> str:
     """Lower case, separators folded to ``_``: ``"Card Arrival"`` -> ``"card_arrival"``."""
     s = s.strip().strip("`'\"*.,;:!?()[]{}<>").lower()
     return re.sub(r"[\s\-_/]+", "_", s).strip("_")
+
+
+def closest_label(text: str | None, labels: Sequence[str], cutoff: float = 0.8) -> str | None:
+    """The label whose normalised name is nearest the answer's first line (difflib ratio >=
+    ``cutoff``), else None: reads a misspelt copy ("top_up_revented") as the label it copies.
+    The draft-verify harness applies it to the labels it showed; the ablation notes apply it to
+    standalone answers to count near-misses (the standalone score itself is exact)."""
+    first = next((ln for ln in strip_think(text or "").splitlines() if ln.strip()), "")
+    norm = {normalize_label(str(c)): str(c) for c in labels}
+    close = difflib.get_close_matches(normalize_label(first), list(norm), n=1, cutoff=cutoff)
+    return norm[close[0]] if close else None
 
 
 class LabelParser:
