@@ -528,7 +528,8 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
     """ablations.py's diagnosis columns: answers that are a label (and right) at the last eval,
     read from eval_predictions/ rows as the Evaluator writes them; binomial s.e. in points."""
     ab = _load("ablations")
-    run = tmp_path / "run"
+    rel = "root/banking77/ophsd/seed0"
+    run = tmp_path / rel
     assert ab.label_answers(run) is None  # no predictions: an empty cell, not a crash
     pred = run / "eval_predictions"
     pred.mkdir(parents=True)
@@ -544,5 +545,15 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
     rows_last[3]["standalone"], rows_last[3]["gold"] = "top_up_limit", "card_arrival"  # a near-copy, not gold
     (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
     assert ab.near_copy_correct(run, ["card_arrival", "top_up_limits"]) == 2
+    # A clone has no per-example files: the counts saved by the last rebuild are used, at the same step only.
+    (tmp_path / "root/data/banking77").mkdir(parents=True)
+    (tmp_path / "root/data/banking77/categories.json").write_text(json.dumps(["card_arrival", "top_up_limits"]))
+    got = ab.diagnose(tmp_path, rel, 24, {})
+    assert got == {"eval_step": 24, "label_answers": [2, 1, 4], "near_copy": 2}
+    cached = {rel: got}
+    import shutil
+    shutil.rmtree(pred)
+    assert ab.diagnose(tmp_path, rel, 24, cached) == got
+    assert ab.diagnose(tmp_path, rel, 36, cached)["label_answers"] is None  # stale counts are not shown
     assert ab.std_error(15.0, 300) == pytest.approx(100 * math.sqrt(0.15 * 0.85 / 300), abs=1e-12)
     assert ab.std_error(0.0, 300) == 0.0

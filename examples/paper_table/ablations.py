@@ -6,7 +6,8 @@ steps, divergence, teacher context), read from their run directories alone.
     python examples/paper_table/ablations.py --out-dir /tmp/abl  # elsewhere
 
 Writes ``ablations.md`` (one row per run: what changed, standalone accuracy at every evaluated
-step, samples seen, wall time) and ``ablations.png`` (standalone accuracy vs step), next to
+step, the last eval's answer-level diagnosis, samples seen, wall time), ``ablations.png``
+(standalone accuracy vs step) and ``ablations_diagnosis.json`` (the diagnosis counts), next to
 ``RESULTS.md``. A run still going shows the points it has; a missing one says so.
 """
 from __future__ import annotations
@@ -33,7 +34,10 @@ ABLATIONS = [
      "lr 1e-4, 36 steps, --harness-label-list"),
     ("OPHSD, label list in the teacher", "cpu-steps120-lr1e-4-labellist/banking77/ophsd/seed0",
      "lr 1e-4, 120 steps, --harness-label-list"),
-    ("OPHSD, JSD (beta 0.5)", "cpu-steps36-lr1e-4/banking77/ophsd_jsd/seed0", "lr 1e-4, 36 steps, --divergence jsd"),
+    ("OPHSD, JSD (beta 0.5), label list", "cpu-steps36-lr1e-4-labellist-jsd/banking77/ophsd_jsd/seed0",
+     "lr 1e-4, 36 steps, --harness-label-list, --divergence jsd"),
+    ("OPHSD, teacher = current weights, label list", "cpu-steps36-lr1e-4-labellist-current/banking77/ophsd/seed0",
+     "lr 1e-4, 36 steps, --harness-label-list, --teacher current"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
 ]
@@ -75,6 +79,27 @@ def near_copy_correct(run_dir: Path, labels: list[str]) -> int | None:
     return sum(bool(r.get("standalone_correct")) or (
         r.get("standalone_answer") is None and closest_label(r.get("standalone"), labels) == r.get("gold"))
         for r in rows)
+
+
+DIAGNOSIS = "ablations_diagnosis.json"
+
+
+def diagnose(runs: Path, rel: str, last_step: int | None, cached: dict) -> dict:
+    """The answer-level columns of one run: computed from its ``eval_predictions/`` where this
+    machine has them; else the counts saved by the last rebuild that had them (the per-example
+    files quote the data and stay out of git; the counts carry no text, so they are tracked in
+    ``ablations_diagnosis.json``), provided they were taken at the same eval step."""
+    run_dir = runs / rel
+    la = label_answers(run_dir)
+    if la is not None:
+        files = sorted((run_dir / "eval_predictions").glob("step_*.jsonl"))
+        step = int(files[-1].stem.split("_")[-1])
+        return {"eval_step": step, "label_answers": list(la),
+                "near_copy": near_copy_correct(run_dir, task_labels(runs, rel))}
+    old = cached.get(rel)
+    if old and old.get("eval_step") == last_step:
+        return old
+    return {"eval_step": None, "label_answers": None, "near_copy": None}
 
 
 def task_labels(runs: Path, rel: str) -> list[str]:
@@ -149,16 +174,20 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     base_run = bt.read_run(a.runs / "cpu/banking77/ophsd/seed0")
     base = 100.0 * base_run["before"]["eval/standalone_accuracy"] if base_run["before"] else None
-    rows = []
+    cache_path = a.out_dir / DIAGNOSIS
+    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rows, diagnosis = [], {}
     for label, rel, what in ABLATIONS:
         run = bt.read_run(a.runs / rel)
         wall, _ = bt._wall_time(run)
         seed = run["args"].get("seed", rel.rsplit("seed", 1)[-1])
-        rows.append({"label": label, "what": what, "seed": seed, "curve": curve(run), "per_step": samples_per_step(run),
+        crv = curve(run)
+        diagnosis[rel] = diagnose(a.runs, rel, crv[-1][0] if crv else None, cached)
+        rows.append({"label": label, "what": what, "seed": seed, "curve": crv, "per_step": samples_per_step(run),
                      "wall": wall, "status": run["status"] if run["exists"] else "missing", "dir": rel,
-                     "label_answers": label_answers(a.runs / rel),
-                     "near_copy": near_copy_correct(a.runs / rel, task_labels(a.runs, rel))})
+                     "label_answers": diagnosis[rel]["label_answers"], "near_copy": diagnosis[rel]["near_copy"]})
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(diagnosis, indent=1) + "\n")
     md = ["# Ablations: OPHSD on BANKING77 (CPU budget), single runs",
           "",
           f"Standalone accuracy % on the table's 300 dev messages (greedy, exact label) at each evaluated step; "
