@@ -433,6 +433,15 @@ def test_flags_after_the_separator_are_folded_into_the_run_config(tmp_path):
     for extra in (["--train-iters", "6"], ["--train-iters", "36", "--lr-decay-style", "cosine"]):
         with pytest.raises(R.PlanError, match="train_iters|lr_decay_style"):
             R.plan("cpu", ["banking77"], ["ophsd"], [0], tmp_path, extra=extra)
+    # ... unless the trainer is told to follow the new schedule from the checkpoint on; the lr and
+    # the method stay what they were.
+    wsd = ["--train-iters", "36", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "24",
+           "--override-opt-param-scheduler"]
+    decayed = R.plan("cpu", ["banking77"], ["ophsd"], [0], tmp_path, extra=wsd)[0]
+    assert decayed.state == "resume" and decayed.resume_step == 12 and "--override-opt-param-scheduler" in decayed.argv
+    assert decayed.argv[decayed.argv.index("--lr-decay-style") + 1] == "WSD"
+    with pytest.raises(R.PlanError, match=r"\(lr: lr 5e-05 -> 0.0003\)"):
+        R.plan("cpu", ["banking77"], ["ophsd"], [0], tmp_path, extra=[*wsd, "--lr", "3e-4"])
 
 
 def test_presets_fit_trainer_constraints():

@@ -649,3 +649,101 @@ def test_eval_harness_chooses_which_evals_run_the_harness(tiny_model_dir, tmp_pa
     assert [r["tag"] for r in evals] == ["before", "interval", "after"]
     assert all(0.0 <= r["eval/standalone_accuracy"] <= 1.0 and r["eval/n"] == 2 for r in evals)
     assert [r["tag"] for r in evals if "eval/harness_accuracy" in r] == harness_tags
+
+
+# ------------------------------------------------------------------------------ schedule and resume
+
+
+def test_wsd_schedule_matches_float64_reference():
+    """--lr-decay-style WSD: constant --lr, then a decay to --min-lr over the last
+    --lr-wsd-decay-iters steps (megatron-core's scheduler, checked against a float64 formula)."""
+    from ophsd.train.config import ConfigError, TrainConfig, parse_args
+    from ophsd.train.update import build_scheduler
+
+    def cfg(*argv):
+        return TrainConfig.from_args(parse_args(list(argv))).optim
+
+    o = cfg("--train-iters", "10", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "WSD",
+            "--lr-wsd-decay-iters", "4", "--lr-wsd-decay-style", "cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = build_scheduler(opt, o)
+    got = []
+    for _ in range(10):
+        sched.step(increment=1)
+        got.append(opt.param_groups[0]["lr"])
+    import math
+
+    want = [1e-3 if k <= 6 else 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (k - 6) / 4))
+            for k in range(1, 11)]
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[-1] == pytest.approx(1e-4) and got[5] == 1e-3 and got[6] < 1e-3
+    with pytest.raises(ConfigError, match="--lr-decay-style WSD needs --lr-wsd-decay-iters"):
+        cfg("--lr-decay-style", "WSD")
+    with pytest.raises(ConfigError, match=r"--lr-wsd-decay-iters must be in \[1, "):
+        cfg("--train-iters", "10", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "11")
+    with pytest.raises(ConfigError, match="applies only with --lr-decay-style WSD"):
+        cfg("--lr-wsd-decay-iters", "3")
+
+
+def test_schedule_differences_name_what_changes_the_lr():
+    from ophsd.train.config import TrainConfig, parse_args
+    from ophsd.train.update import lr_schedule, schedule_differences
+
+    def sched(*argv):
+        return lr_schedule(TrainConfig.from_args(parse_args(["--train-iters", "10", *argv])).optim)
+
+    const = sched("--lr", "1e-4")
+    assert schedule_differences(const, lr_schedule(TrainConfig.from_args(
+        parse_args(["--train-iters", "40", "--lr", "1e-4"])).optim)) == []  # a longer constant run
+    assert schedule_differences(const, sched("--lr", "2e-4")) == ["--lr: 0.0001 -> 0.0002"]
+    assert schedule_differences(const, sched("--lr", "1e-4", "--lr-decay-style", "WSD",
+                                             "--lr-wsd-decay-iters", "4")) == ["--lr-decay-style: constant -> WSD"]
+    wsd = sched("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "4")
+    assert schedule_differences(wsd, sched("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "5")) == \
+        ["--lr-wsd-decay-iters: 4 -> 5"]
+    lin = sched("--lr-decay-style", "linear")
+    assert schedule_differences(lin, lr_schedule(TrainConfig.from_args(
+        parse_args(["--train-iters", "20", "--lr-decay-style", "linear"])).optim)) == ["--train-iters: 10 -> 20"]
+    old = {k: v for k, v in const.items() if k not in ("wsd_decay_steps", "lr_wsd_decay_style")}
+    assert schedule_differences(old, const) == []  # a checkpoint from before the WSD keys
+
+
+def test_resume_on_a_new_schedule_needs_override(tiny_model_dir, tmp_path):
+    """Resuming a constant-lr run with a WSD decay: refused with a message naming
+    --override-opt-param-scheduler (megatron-core would silently keep the saved schedule); with it,
+    steps 3-4 get the learning rates an uninterrupted WSD run has at steps 3-4."""
+    d, run = tiny_model_dir("llama"), tmp_path / "run"
+    _train(d, run, "--train-iters", 2)
+    wsd = ["--train-iters", 4, "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", 2, "--min-lr", "1e-4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "ophsd.train", "--model", str(d), "--save", str(run), "--load", str(run),
+                        "--rollout-batch-size", "2", "--micro-batch-size", "2", "--skip-eval", "--no-tensorboard",
+                        "--lr", "1e-3", *map(str, wsd)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--lr-decay-style: constant -> WSD" in r.stderr and "--override-opt-param-scheduler" in r.stderr
+    resumed = _train(d, run, *wsd, "--load", run, "--override-opt-param-scheduler")
+    straight = _train(d, tmp_path / "straight", *wsd)
+    lr = {m["step"]: m["lr"] for m in resumed if "lr" in m}
+    assert [lr[1], lr[2]] == [1e-3, 1e-3]  # the constant part, from before the resume
+    assert [lr[3], lr[4]] == pytest.approx([m["lr"] for m in straight if m["step"] in (3, 4) and "lr" in m],
+                                           rel=1e-12)
+    assert lr[4] == pytest.approx(1e-4) and 1e-4 < lr[3] < 1e-3
+
+
+def test_resume_redoes_an_interval_eval_the_kill_lost(tiny_model_dir, tmp_path):
+    """The checkpoint of an eval step is saved just before its eval: a run killed during that eval
+    resumes and evaluates that step first; a run whose eval row exists does not evaluate it twice."""
+    import shutil
+
+    d, run = tiny_model_dir("llama"), tmp_path / "run"
+    common = ["--eval-interval", 2, "--save-interval", 2, "--eval-limit", 2, "--skip-eval-before",
+              "--eval-harness", "never"]
+    _train(d, run, "--train-iters", 2, *common, skip_eval=False)
+    kept = tmp_path / "kept"
+    shutil.copytree(run, kept)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(x + "\n" for x in rows if "eval/standalone_accuracy" not in x))
+    lost = _train(d, run, "--train-iters", 4, *common, "--load", run, skip_eval=False)
+    assert [(m["step"], m["tag"]) for m in lost if "eval/standalone_accuracy" in m] == [(2, "interval"), (4, "after")]
+    again = _train(d, kept, "--train-iters", 4, *common, "--load", kept, skip_eval=False)
+    assert [(m["step"], m["tag"]) for m in again if "eval/standalone_accuracy" in m] == [(2, "after"), (4, "after")]

@@ -322,11 +322,22 @@ def _norm(x):
     return json.dumps(x, sort_keys=True)
 
 
+# What a resumed run may change when it asks the trainer for --override-opt-param-scheduler: the
+# learning-rate schedule from the checkpoint's step on (e.g. a WSD decay after a constant-lr run).
+SCHEDULE_KEYS = ("lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "min_lr",
+                 "override_opt_param_scheduler")
+
+
 def _extends(old: dict, new: dict, key: str) -> bool:
     """More steps of a constant-learning-rate run are the same run, longer (its schedule up to the
-    old last step does not depend on --train-iters): resumed, not refused. A decaying schedule is not."""
-    return (key == "train_iters" and old.get("lr_decay_style") == new.get("lr_decay_style") == "constant"
-            and isinstance(old.get(key), int) and isinstance(new.get(key), int) and new[key] > old[key])
+    old last step does not depend on --train-iters): resumed, not refused. A decaying schedule is not,
+    unless the new flags say --override-opt-param-scheduler: then the run continues on the new
+    schedule from its checkpoint (the trainer logs the change; the record keeps both attempts)."""
+    longer = isinstance(old.get("train_iters"), int) and isinstance(new.get("train_iters"), int) \
+        and new["train_iters"] > old["train_iters"]
+    if new.get("override_opt_param_scheduler") is True:
+        return key in SCHEDULE_KEYS or (key == "train_iters" and longer)
+    return key == "train_iters" and old.get("lr_decay_style") == new.get("lr_decay_style") == "constant" and longer
 
 
 # ----------------------------------------------------------------------------- data

@@ -233,8 +233,12 @@ def _write_small_files(tmp: Path, c: CheckpointContents) -> None:
     torch.save(c.trainer_state(), tmp / "trainer_state.pt")
 
 
-def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool) -> dict:
-    """The trainer state of ``ckpt``, or a TrainingError naming what does not match (before any model is built)."""
+def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool, optim=None) -> dict:
+    """The trainer state of ``ckpt``, or a TrainingError naming what does not match (before any model is built).
+
+    ``optim`` (the run's OptimConfig): a learning-rate schedule that differs from the checkpoint's is
+    refused unless --override-opt-param-scheduler, because megatron-core would otherwise keep the
+    saved schedule and silently ignore the new flags."""
     state = load_file(ckpt / "trainer_state.pt")
     if not (ckpt / "optimizer").is_dir():
         raise TrainingError(f"--load {ckpt}: no optimizer/ checkpoint (written by an older ophsd?); "
@@ -244,6 +248,18 @@ def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool) -> dict:
         raise TrainingError(f"--load {ckpt}: saved {'with' if saved_dist else 'without'} "
                             f"--use-distributed-optimizer; resume the same way (megatron-core cannot load "
                             "one optimizer's state into the other)")
+    if optim is not None and "scheduler" in state:
+        from ophsd.train.update import lr_schedule, schedule_differences
+
+        diffs = schedule_differences(state["scheduler"], lr_schedule(optim))
+        if diffs and not optim.override_opt_param_scheduler:
+            raise TrainingError(f"--load {ckpt}: the learning-rate schedule differs from the checkpoint's "
+                                f"({'; '.join(diffs)}); resume with the saved flags, or pass "
+                                f"--override-opt-param-scheduler to follow the new ones from step "
+                                f"{state.get('step')} on")
+        if diffs:
+            _log(f"--override-opt-param-scheduler: from step {state.get('step')} the learning-rate schedule "
+                 f"follows the flags ({'; '.join(diffs)})")
     return state
 
 
@@ -252,6 +268,9 @@ def restore_optimizer_and_rng(ckpt: Path, state: dict, optimizer, module, schedu
     from ophsd.models import checkpoint
 
     checkpoint.load_optimizer(optimizer, module, ckpt / "optimizer")
+    if scheduler.override_opt_param_scheduler:  # the loaded param groups carry the saved run's lr bounds,
+        for group in optimizer.param_groups:  # which the scheduler reads before its own
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
     scheduler.load_state_dict(state["scheduler"])
     if state.get("layout") == current_layout:
         rng = load_file(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt")

@@ -88,8 +88,17 @@ class OptimConfig:
     lr: float = flag(1e-5, "peak learning rate", type=float)
     min_lr: float = flag(0.0, "learning rate the decay ends at", type=float)
     lr_warmup_iters: int = flag(0, "steps of linear warm-up from 0 (0: none)", type=int)
-    lr_decay_style: str = flag("constant", "learning-rate decay after the warm-up, over the remaining steps",
-                               choices=["constant", "linear", "cosine"])
+    lr_decay_style: str = flag("constant", "learning-rate decay after the warm-up, over the remaining steps "
+                               "(WSD: constant, then a decay over the last --lr-wsd-decay-iters steps)",
+                               choices=["constant", "linear", "cosine", "WSD"])
+    lr_wsd_decay_iters: int | None = flag(None, "with --lr-decay-style WSD: the last steps, over which the "
+                                          "learning rate decays to --min-lr", type=int)
+    lr_wsd_decay_style: str = flag("linear", "with --lr-decay-style WSD: the shape of that decay",
+                                   choices=["linear", "cosine", "exponential", "minus_sqrt"])
+    override_opt_param_scheduler: bool = flag(False, "on resume, follow this command's learning-rate flags "
+                                              "from the saved step on instead of refusing a schedule that "
+                                              "differs from the checkpoint's (e.g. to decay a constant-lr "
+                                              "run from where it stands)", action="store_true")
     weight_decay: float = flag(0.0, "weight decay, constant over the run", type=float)
     clip_grad: float = flag(1.0, "gradient-norm clipping threshold (0: no clipping)", type=float)
     adam_beta1: float = flag(0.9, "Adam's first-moment decay", type=float)
@@ -101,6 +110,15 @@ class OptimConfig:
         _need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}")
         _need(self.lr_warmup_iters < self.train_iters or self.lr_warmup_iters == 0,
               f"--lr-warmup-iters ({self.lr_warmup_iters}) must be smaller than --train-iters ({self.train_iters})")
+        if self.lr_decay_style == "WSD":
+            _need(self.lr_wsd_decay_iters is not None,
+                  "--lr-decay-style WSD needs --lr-wsd-decay-iters (the steps the final decay takes)")
+            _need(1 <= self.lr_wsd_decay_iters <= self.train_iters - self.lr_warmup_iters,
+                  f"--lr-wsd-decay-iters must be in [1, --train-iters - --lr-warmup-iters = "
+                  f"{self.train_iters - self.lr_warmup_iters}], got {self.lr_wsd_decay_iters}")
+        else:
+            _need(self.lr_wsd_decay_iters is None,
+                  f"--lr-wsd-decay-iters applies only with --lr-decay-style WSD (got {self.lr_decay_style})")
         _need(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
 
 

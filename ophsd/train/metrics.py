@@ -41,6 +41,21 @@ def drop_rows_after(path: Path, step_num: int) -> int:
     return dropped
 
 
+def logged_eval_steps(path: Path) -> set[int]:
+    """The steps ``metrics.jsonl`` holds an eval row for (a resumed run redoes an interval eval its
+    predecessor was killed during)."""
+    steps = set()
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "eval/standalone_accuracy" in row and "step" in row:
+                steps.add(int(row["step"]))
+    return steps
+
+
 class MetricSinks:
     """Where a run's metrics and sampled rollouts go (rank 0 only).
 

@@ -35,7 +35,7 @@ from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_
 from ophsd.train.collect import Collector, ExampleStream, dev_size, eval_examples
 from ophsd.train.errors import TrainingError
 from ophsd.train.evaluation import Evaluator
-from ophsd.train.metrics import MetricSinks
+from ophsd.train.metrics import MetricSinks, logged_eval_steps
 from ophsd.train.objective import Objective, needs_frozen_teacher
 from ophsd.train.pairs import Sample
 from ophsd.train.sync import WeightSync
@@ -70,7 +70,7 @@ class Trainer:
         self.checkpoints = RunCheckpoints(self.run_dir)
         resume_dir = find_checkpoint(m.load, log=_log) if m.load else None
         model_dir = resume_dir or (m.load if m.load else None)
-        resume_state = read_trainer_state(resume_dir, m.use_distributed_optimizer) if resume_dir else None
+        resume_state = read_trainer_state(resume_dir, m.use_distributed_optimizer, c.optim) if resume_dir else None
         self._load_data()
         self._build_models(model_dir, verified=resume_dir is not None)
         self._build_update()
@@ -79,6 +79,7 @@ class Trainer:
             c.rollout.max_prompt_length = broadcast_from_rank0(self.collector.derived_max_prompt_length() if _rank0() else None)
         if resume_dir:
             self._load_trainer_state(resume_dir, resume_state)
+        self.resumed = resume_dir is not None
         self.sinks = MetricSinks(c, self.run_dir, resumed_at=self.step_num if resume_dir else None)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -236,8 +237,11 @@ class Trainer:
 
     def _checkpoint_contents(self) -> CheckpointContents:
         def trainer_state():  # rank 0
+            sched = self.scheduler  # + the WSD settings mcore's state_dict leaves out (the resume check reads them)
             return {"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
-                    "harness": self.harness.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "harness": self.harness.state_dict(),
+                    "scheduler": {**sched.state_dict(), "wsd_decay_steps": sched.wsd_decay_steps,
+                                  "lr_wsd_decay_style": sched.lr_wsd_decay_style},
                     "layout": self.groups.layout,
                     "distributed_optimizer": self.config.model.use_distributed_optimizer,
                     "args": self.config.to_dict()}
@@ -266,6 +270,10 @@ class Trainer:
         train_iters, save_interval, eval_interval = c.optim.train_iters, c.logging.save_interval, c.eval.eval_interval
         if self.step_num == 0 and not c.eval.skip_eval_before:
             self.evaluate("before")
+        if self._interval_eval_lost(train_iters, eval_interval):
+            _log(f"step {self.step_num}: metrics.jsonl has no eval row for this checkpoint's step (the run "
+                 "stopped during that eval): evaluating it now")
+            self.evaluate("interval")
         while self.step_num < train_iters:
             stop = torch.tensor(1.0 if self.stop_requested else 0.0, device=comm_device())
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -286,6 +294,16 @@ class Trainer:
 
                 write_report(self.run_dir)
         return 0
+
+    def _interval_eval_lost(self, train_iters: int, eval_interval: int) -> bool:
+        """A resumed run whose checkpoint step was due an interval eval that never reached metrics.jsonl
+        (a kill during the eval: the checkpoint is saved just before it)."""
+        due = (self.resumed and self.run_dir is not None and not self.config.eval.skip_eval and eval_interval
+               and 0 < self.step_num < train_iters and self.step_num % eval_interval == 0)
+        if not due:
+            return False
+        return bool(broadcast_from_rank0(
+            self.step_num not in logged_eval_steps(self.run_dir / "metrics.jsonl") if _rank0() else None))
 
     def close(self):
         self.sinks.close()

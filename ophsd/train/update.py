@@ -7,6 +7,7 @@ measures the code that trains.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,16 +74,64 @@ def build_optimizer(ddp_model, settings: OptimizerSettings):
     return get_megatron_optimizer(cfg, [ddp_model])
 
 
-def build_scheduler(optimizer, optim: OptimConfig):
-    """megatron-core's LR scheduler from --lr/--min-lr/--lr-warmup-iters/--lr-decay-style/--train-iters."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+def lr_schedule(optim: OptimConfig) -> dict:
+    """The schedule the flags ask for, in megatron-core's ``OptimizerParamScheduler.state_dict()`` names
+    plus the two WSD settings it does not save: what a checkpoint records and a resume compares."""
     a = optim
     decay_iters = max(1, a.train_iters - a.lr_warmup_iters) + a.lr_warmup_iters
+    wsd = a.lr_decay_style == "WSD"
+    return {"max_lr": a.lr, "min_lr": a.min_lr, "lr_warmup_steps": a.lr_warmup_iters,
+            "lr_decay_steps": decay_iters, "lr_decay_style": a.lr_decay_style,
+            "wsd_decay_steps": a.lr_wsd_decay_iters if wsd else None,
+            "lr_wsd_decay_style": a.lr_wsd_decay_style if wsd else None,
+            "start_wd": a.weight_decay, "end_wd": a.weight_decay, "wd_incr_steps": decay_iters}
+
+
+# The flag behind each schedule setting, for the resume check's message.
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                  "lr_decay_style": "--lr-decay-style", "lr_decay_steps": "--train-iters",
+                  "wsd_decay_steps": "--lr-wsd-decay-iters", "lr_wsd_decay_style": "--lr-wsd-decay-style",
+                  "start_wd": "--weight-decay"}
+
+
+def schedule_differences(saved: dict, wanted: dict) -> list[str]:
+    """The settings (``"--flag: saved -> wanted"``) where a checkpoint's learning-rate schedule and the
+    flags' disagree in a way that changes the learning rate. A constant schedule ignores its decay
+    length (so extending --train-iters is fine); WSD settings count only when both sides are WSD;
+    keys an older checkpoint lacks are not compared."""
+    both = {saved.get("lr_decay_style"), wanted["lr_decay_style"]}
+    diffs = []
+    for key, flag_name in SCHEDULE_FLAGS.items():
+        if key not in saved:
+            continue
+        if key == "lr_decay_steps" and both == {"constant"}:
+            continue
+        if key in ("wsd_decay_steps", "lr_wsd_decay_style") and both != {"WSD"}:
+            continue
+        a, b = saved[key], wanted[key]
+        same = (math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) if isinstance(a, float) or isinstance(b, float)
+                else a == b)
+        if not same:
+            diffs.append(f"{flag_name}: {a} -> {b}")
+    return diffs
+
+
+def build_scheduler(optimizer, optim: OptimConfig):
+    """megatron-core's LR scheduler over :func:`lr_schedule`. With --override-opt-param-scheduler a
+    resumed run follows these flags from its saved step on; otherwise the trainer refuses a checkpoint
+    whose schedule differs (:func:`schedule_differences`) before loading anything."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    s = lr_schedule(optim)
+    wsd = {"wsd_decay_steps": s["wsd_decay_steps"], "lr_wsd_decay_style": s["lr_wsd_decay_style"]} \
+        if s["lr_decay_style"] == "WSD" else {}
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if a.lr_warmup_iters else a.lr, max_lr=a.lr, min_lr=a.min_lr,
-        lr_warmup_steps=a.lr_warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=a.lr_decay_style,
-        start_wd=a.weight_decay, end_wd=a.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
+        optimizer, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=s["max_lr"], min_lr=s["min_lr"],
+        lr_warmup_steps=s["lr_warmup_steps"], lr_decay_steps=s["lr_decay_steps"],
+        lr_decay_style=s["lr_decay_style"], start_wd=s["start_wd"], end_wd=s["end_wd"],
+        wd_incr_steps=s["wd_incr_steps"], wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not optim.override_opt_param_scheduler,
+        override_opt_param_scheduler=optim.override_opt_param_scheduler, **wsd,
     )
 
 
