@@ -582,7 +582,7 @@ def _resume_then_prune_worker(rank, world, model_dir, run_dir):
 
     from ophsd.train.trainer import Trainer
 
-    tr = Trainer(_args(model_dir, "--save", run_dir, "--load", run_dir, "--train-iters", "2"))
+    tr = Trainer(_args(model_dir, "--save", run_dir, "--load", run_dir, "--train-iters", "2", "--lr", "1e-3"))  # as saved
     assert tr.step_num == 1
     shutil.rmtree(Path(run_dir) / "iter_0000001")  # pruned while the resumed run goes on
     tr.train_step()

@@ -11,6 +11,7 @@ from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.train.collect import eval_examples
+from ophsd.train.metrics import logged_eval_steps
 
 if TYPE_CHECKING:
     from ophsd.train.config import TrainConfig
@@ -23,6 +24,20 @@ class Evaluator:
         self.config, self.task, self.run_dir = config, task, run_dir
         self.updater, self.collector, self.engine, self.harness = updater, collector, engine, harness
         self._probe = None
+
+    def lost_on_resume(self, step_num: int) -> bool:
+        """Collective: whether a resumed run's checkpoint step was due an interval eval that never
+        reached metrics.jsonl (the checkpoint is saved just before that eval: a kill during it)."""
+        c, every = self.config, self.config.eval.eval_interval
+        if (self.run_dir is None or c.eval.skip_eval or not every or not 0 < step_num < c.optim.train_iters
+                or step_num % every):
+            return False
+        lost = broadcast_from_rank0(step_num not in logged_eval_steps(self.run_dir / "metrics.jsonl")
+                                    if _rank0() else None)
+        if lost:
+            _log(f"step {step_num}: metrics.jsonl has no eval row for this checkpoint's step (the run stopped "
+                 "during that eval): evaluating it now")
+        return bool(lost)
 
     def probe_divergence(self, step_num: int) -> float | None:
         """Divergence on a fixed probe batch: greedy student responses and harness teacher

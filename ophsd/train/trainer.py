@@ -35,11 +35,12 @@ from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_
 from ophsd.train.collect import Collector, ExampleStream, dev_size, eval_examples
 from ophsd.train.errors import TrainingError
 from ophsd.train.evaluation import Evaluator
-from ophsd.train.metrics import MetricSinks, logged_eval_steps
+from ophsd.train.metrics import MetricSinks
 from ophsd.train.objective import Objective, needs_frozen_teacher
 from ophsd.train.pairs import Sample
 from ophsd.train.sync import WeightSync
-from ophsd.train.update import OptimizerSettings, Packing, Updater, build_optimizer, build_scheduler, wrap_ddp
+from ophsd.train.update import (OptimizerSettings, Packing, Updater, build_optimizer, build_scheduler,
+                                scheduler_state, wrap_ddp)
 
 if TYPE_CHECKING:
     from ophsd.train.config import TrainConfig
@@ -237,11 +238,8 @@ class Trainer:
 
     def _checkpoint_contents(self) -> CheckpointContents:
         def trainer_state():  # rank 0
-            sched = self.scheduler  # + the WSD settings mcore's state_dict leaves out (the resume check reads them)
             return {"step": self.step_num, "data_position": self.data_position, "counters": dict(self.counters),
-                    "harness": self.harness.state_dict(),
-                    "scheduler": {**sched.state_dict(), "wsd_decay_steps": sched.wsd_decay_steps,
-                                  "lr_wsd_decay_style": sched.lr_wsd_decay_style},
+                    "harness": self.harness.state_dict(), "scheduler": scheduler_state(self.scheduler),
                     "layout": self.groups.layout,
                     "distributed_optimizer": self.config.model.use_distributed_optimizer,
                     "args": self.config.to_dict()}
@@ -270,9 +268,7 @@ class Trainer:
         train_iters, save_interval, eval_interval = c.optim.train_iters, c.logging.save_interval, c.eval.eval_interval
         if self.step_num == 0 and not c.eval.skip_eval_before:
             self.evaluate("before")
-        if self._interval_eval_lost(train_iters, eval_interval):
-            _log(f"step {self.step_num}: metrics.jsonl has no eval row for this checkpoint's step (the run "
-                 "stopped during that eval): evaluating it now")
+        if self.resumed and self.evaluator.lost_on_resume(self.step_num):
             self.evaluate("interval")
         while self.step_num < train_iters:
             stop = torch.tensor(1.0 if self.stop_requested else 0.0, device=comm_device())
@@ -294,16 +290,6 @@ class Trainer:
 
                 write_report(self.run_dir)
         return 0
-
-    def _interval_eval_lost(self, train_iters: int, eval_interval: int) -> bool:
-        """A resumed run whose checkpoint step was due an interval eval that never reached metrics.jsonl
-        (a kill during the eval: the checkpoint is saved just before it)."""
-        due = (self.resumed and self.run_dir is not None and not self.config.eval.skip_eval and eval_interval
-               and 0 < self.step_num < train_iters and self.step_num % eval_interval == 0)
-        if not due:
-            return False
-        return bool(broadcast_from_rank0(
-            self.step_num not in logged_eval_steps(self.run_dir / "metrics.jsonl") if _rank0() else None))
 
     def close(self):
         self.sinks.close()

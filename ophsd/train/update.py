@@ -116,6 +116,13 @@ def schedule_differences(saved: dict, wanted: dict) -> list[str]:
     return diffs
 
 
+def scheduler_state(scheduler) -> dict:
+    """What a checkpoint saves of the scheduler: megatron-core's state_dict plus the WSD settings it
+    leaves out (the resume check, :func:`schedule_differences`, compares them)."""
+    return {**scheduler.state_dict(), "wsd_decay_steps": scheduler.wsd_decay_steps,
+            "lr_wsd_decay_style": scheduler.lr_wsd_decay_style}
+
+
 def build_scheduler(optimizer, optim: OptimConfig):
     """megatron-core's LR scheduler over :func:`lr_schedule`. With --override-opt-param-scheduler a
     resumed run follows these flags from its saved step on; otherwise the trainer refuses a checkpoint
