@@ -34,6 +34,11 @@ ABLATIONS = [
      "lr 1e-4, 36 steps, --harness-label-list"),
     ("OPHSD, label list in the teacher", "cpu-steps120-lr1e-4-labellist/banking77/ophsd/seed0",
      "lr 1e-4, 120 steps, --harness-label-list"),
+    ("OPHSD, label list in the teacher", "cpu-steps120-lr1e-4-labellist/banking77/ophsd/seed1",
+     "lr 1e-4, 120 steps, --harness-label-list"),
+    ("OPHSD, label list, then a WSD decay", "cpu-steps160-lr1e-4-labellist-wsd40/banking77/ophsd/seed0",
+     "the 120-step run above (seed 0), resumed to 160 steps with --lr-decay-style WSD "
+     "--lr-wsd-decay-iters 40 (lr 1e-4 -> 0 linearly over steps 121-160)"),
     ("OPHSD, JSD (beta 0.5), label list", "cpu-steps36-lr1e-4-labellist-jsd/banking77/ophsd_jsd/seed0",
      "lr 1e-4, 36 steps, --harness-label-list, --divergence jsd"),
     ("OPHSD, teacher = current weights, label list", "cpu-steps36-lr1e-4-labellist-current/banking77/ophsd/seed0",
