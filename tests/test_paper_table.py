@@ -539,7 +539,7 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
     ab = _load("ablations")
     rel = "root/banking77/ophsd/seed0"
     run = tmp_path / rel
-    assert ab.label_answers(run) is None  # no predictions: an empty cell, not a crash
+    assert ab.last_predictions(run) is None  # no predictions: an empty cell, not a crash
     pred = run / "eval_predictions"
     pred.mkdir(parents=True)
     rows_old = [{"step": 12, "standalone_answer": "a", "standalone_correct": True}] * 4
@@ -549,11 +549,12 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
                  {"step": 24, "standalone_answer": None, "standalone_correct": False}]
     (pred / "step_0000012.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_old))
     (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
-    assert ab.label_answers(run) == (2, 1, 4)
+    step, rows = ab.last_predictions(run)
+    assert step == 24 and ab.label_answers(rows) == (2, 1, 4)
     rows_last[2]["standalone"], rows_last[2]["gold"] = "top_up_limit", "top_up_limits"  # a near-copy of gold
     rows_last[3]["standalone"], rows_last[3]["gold"] = "top_up_limit", "card_arrival"  # a near-copy, not gold
     (pred / "step_0000024.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_last))
-    assert ab.near_copy_correct(run, ["card_arrival", "top_up_limits"]) == 2
+    assert ab.near_copy_correct(ab.last_predictions(run)[1], ["card_arrival", "top_up_limits"]) == 2
     # A clone has no per-example files: the counts saved by the last rebuild are used, at the same step only.
     (tmp_path / "root/data/banking77").mkdir(parents=True)
     (tmp_path / "root/data/banking77/categories.json").write_text(json.dumps(["card_arrival", "top_up_limits"]))

@@ -54,31 +54,27 @@ def curve(run: dict) -> list[tuple[int, float]]:
     return [(int(r["step"]), 100.0 * r["eval/standalone_accuracy"]) for r in run["evals"]]
 
 
-def _last_predictions(run_dir: Path) -> list[dict] | None:
+def last_predictions(run_dir: Path) -> tuple[int, list[dict]] | None:
+    """(step, rows) of the run's last ``eval_predictions/`` file, read once for every column."""
     files = sorted((run_dir / "eval_predictions").glob("step_*.jsonl"))
     if not files:
         return None
-    return [json.loads(ln) for ln in files[-1].read_text().splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in files[-1].read_text().splitlines() if ln.strip()]
+    return int(files[-1].stem.split("_")[-1]), rows
 
 
-def label_answers(run_dir: Path) -> tuple[int, int, int] | None:
-    """(answers that are one of the labels, of those correct, n) at the last evaluated step, from
-    ``eval_predictions/``: tells a student that answers with the wrong label from one that invents
-    label names (the standalone score counts an exact label only)."""
-    rows = _last_predictions(run_dir)
-    if rows is None:
-        return None
+def label_answers(rows: list[dict]) -> tuple[int, int, int]:
+    """(answers that are one of the labels, of those correct, n) among one eval's predictions:
+    tells a student that answers with the wrong label from one that invents label names (the
+    standalone score counts an exact label only)."""
     valid = [r for r in rows if r.get("standalone_answer") is not None]
     return len(valid), sum(bool(r.get("standalone_correct")) for r in valid), len(rows)
 
 
-def near_copy_correct(run_dir: Path, labels: list[str]) -> int | None:
-    """Correct answers at the last eval if a near-copy of the gold label also counted (the rule
-    the draft-verify harness applies to the labels it shows: ``rewards.closest_label``, ratio >=
-    0.8, here over the whole label set). A second reading of the same answers, not the score."""
-    rows = _last_predictions(run_dir)
-    if rows is None:
-        return None
+def near_copy_correct(rows: list[dict], labels: list[str]) -> int:
+    """Correct answers if a near-copy of the gold label also counted (the rule the draft-verify
+    harness applies to the labels it shows: ``rewards.closest_label``, ratio >= 0.8, here over the
+    whole label set). A second reading of the same answers, not the score."""
     from ophsd.tasks.rewards import closest_label
 
     return sum(bool(r.get("standalone_correct")) or (
@@ -94,13 +90,11 @@ def diagnose(runs: Path, rel: str, last_step: int | None, cached: dict) -> dict:
     machine has them; else the counts saved by the last rebuild that had them (the per-example
     files quote the data and stay out of git; the counts carry no text, so they are tracked in
     ``ablations_diagnosis.json``), provided they were taken at the same eval step."""
-    run_dir = runs / rel
-    la = label_answers(run_dir)
-    if la is not None:
-        files = sorted((run_dir / "eval_predictions").glob("step_*.jsonl"))
-        step = int(files[-1].stem.split("_")[-1])
-        return {"eval_step": step, "label_answers": list(la),
-                "near_copy": near_copy_correct(run_dir, task_labels(runs, rel))}
+    last = last_predictions(runs / rel)
+    if last is not None:
+        step, rows = last
+        return {"eval_step": step, "label_answers": list(label_answers(rows)),
+                "near_copy": near_copy_correct(rows, task_labels(runs, rel))}
     old = cached.get(rel)
     if old and old.get("eval_step") == last_step:
         return old
