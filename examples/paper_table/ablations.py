@@ -39,6 +39,8 @@ ABLATIONS = [
     ("OPHSD, label list, then a WSD decay", "cpu-steps160-lr1e-4-labellist-wsd40/banking77/ophsd/seed0",
      "the 120-step run above (seed 0), resumed to 160 steps with --lr-decay-style WSD "
      "--lr-wsd-decay-iters 40 (lr 1e-4 -> 0 linearly over steps 121-160)"),
+    ("OPHSD, rollout temperature 0.7, label list", "cpu-steps36-lr1e-4-labellist-t0.7/banking77/ophsd/seed0",
+     "lr 1e-4, 36 steps, --harness-label-list, --rollout-temperature 0.7"),
     ("OPHSD, JSD (beta 0.5), label list", "cpu-steps36-lr1e-4-labellist-jsd/banking77/ophsd_jsd/seed0",
      "lr 1e-4, 36 steps, --harness-label-list, --divergence jsd"),
     ("OPHSD, teacher = current weights, label list", "cpu-steps36-lr1e-4-labellist-current/banking77/ophsd/seed0",
