@@ -233,7 +233,7 @@ def _write_small_files(tmp: Path, c: CheckpointContents) -> None:
     torch.save(c.trainer_state(), tmp / "trainer_state.pt")
 
 
-def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool, optim=None) -> dict:
+def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool, optim) -> dict:
     """The trainer state of ``ckpt``, or a TrainingError naming what does not match (before any model is built).
 
     ``optim`` (the run's OptimConfig): a learning-rate schedule that differs from the checkpoint's is
@@ -248,7 +248,7 @@ def read_trainer_state(ckpt: Path, use_distributed_optimizer: bool, optim=None) 
         raise TrainingError(f"--load {ckpt}: saved {'with' if saved_dist else 'without'} "
                             f"--use-distributed-optimizer; resume the same way (megatron-core cannot load "
                             "one optimizer's state into the other)")
-    if optim is not None and "scheduler" in state:
+    if "scheduler" in state:
         from ophsd.train.update import lr_schedule, schedule_differences
 
         diffs = schedule_differences(state["scheduler"], lr_schedule(optim))
