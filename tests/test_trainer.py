@@ -510,6 +510,13 @@ def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
     m = _train(tiny_model_dir("llama"), run, "--train-iters", 1, "--n-samples-per-prompt", 2, "--log-rollouts", 3,
                "--eval-limit", 2, skip_eval=False)
     assert [r["tag"] for r in m if "tag" in r] == ["before", "after"]
+    # every phase's peak RSS is logged: positive, and none above the trainer process's whole-life peak
+    import resource
+    life_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1024 ** 3
+    step_row = next(r for r in m if "loss" in r)
+    for phase in ("rollout", "harness", "teacher", "student", "optimizer", "sync"):
+        assert 0 < step_row[f"mem/{phase}_peak_gb"] <= life_gb + 1e-3, (phase, step_row)
+    assert all(0 < r["mem/eval_peak_gb"] <= life_gb + 1e-3 for r in m if "tag" in r)
     rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and {r["step"] for r in rows} == {1}
     assert [r["example_id"] for r in rows] == ["arith-train-0", "arith-train-0", "arith-train-1"]  # 3 of 2 x 2, spread

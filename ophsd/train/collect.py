@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.runtime.memory import peak_memory
 from ophsd.train.errors import TrainingError
 from ophsd.train.objective import Objective
 from ophsd.train.pairs import Sample, filter_pairs
@@ -120,7 +121,8 @@ class Collector:
         stats: dict = {}
         examples = all_examples = self.stream.batch(position, r.rollout_batch_size)
         prompts = [self.engine.apply_chat_template(self.task.student_messages(e)) for e in examples]
-        t0 = time.perf_counter()
+        t0, mem = time.perf_counter(), peak_memory()
+        mem.mark()
         # Each prompt samples with its own seed (sample j: seed + j), a function of the run seed,
         # the step and its data position: distinct streams per prompt, the same ones after a resume.
         sampling = [SamplingParams(temperature=r.rollout_temperature, top_p=r.rollout_top_p,
@@ -148,10 +150,12 @@ class Collector:
         else:
             completions = [[None] for _ in prompts]
         stats["time/rollout"] = time.perf_counter() - t0
+        mem.lap("rollout", stats)
         t0 = time.perf_counter()
         self.harness.reset_stats()
         results = self.harness.run(examples, self.engine, training=True)
         stats["time/harness"] = time.perf_counter() - t0
+        mem.lap("harness", stats)
         for k, v in self.harness.stats().items():
             stats[f"harness/{k}"] = v
         samples = []

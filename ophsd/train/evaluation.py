@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.runtime.memory import peak_memory
 from ophsd.train.collect import eval_examples
 from ophsd.train.metrics import logged_eval_steps
 
@@ -56,6 +57,8 @@ class Evaluator:
     def evaluate(self, tag: str, step_num: int) -> dict | None:
         """Collective: the eval row of step ``step_num`` on rank 0 (None elsewhere)."""
         c = self.config
+        mem, peaks = peak_memory(), {}
+        mem.mark()
         probe = self.probe_divergence(step_num)  # collective
         if not _rank0():
             return None
@@ -78,6 +81,8 @@ class Evaluator:
             row["eval/harness_accuracy"] = res["harness"]["accuracy"]
         if probe is not None:
             row["eval/probe_divergence"] = probe
+        mem.lap("eval", peaks)
+        row.update(peaks)
         _log(f"eval ({tag}, step {step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
              + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
              + (f", probe {c.distill.divergence} {probe:.4f}" if probe is not None else "")

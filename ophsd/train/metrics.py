@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
+from ophsd.runtime.memory import worst_phase
 
 if TYPE_CHECKING:
     from ophsd.train.config import TrainConfig
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
 def tail(text: str, n: int = 300) -> str:
     """The last ``n`` characters, with a marker saying how many were cut."""
     return text if len(text) <= n else f"[...{len(text) - n} chars cut...]" + text[-n:]
+
+
+def _peak_text(m: dict) -> str:
+    worst = worst_phase(m)
+    return f"  peak rss {worst[1]:.1f} GiB ({worst[0]})" if worst else ""
 
 
 def drop_rows_after(path: Path, step_num: int) -> int:
@@ -115,7 +121,7 @@ class MetricSinks:
                   f"pairs {m.get('pairs_kept', 0)}/{m.get('pairs_total', 0)}  tokens {m.get('tokens', 0)}  "
                   f"rollout {m.get('time/rollout', 0):.1f}s harness {m.get('time/harness', 0):.1f}s "
                   f"train {m.get('time/student_fwd_bwd', 0) + m.get('time/teacher_forward', 0):.1f}s "
-                  f"sync {m.get('time/sync', 0):.1f}s", flush=True)
+                  f"sync {m.get('time/sync', 0):.1f}s" + _peak_text(m), flush=True)
 
     def log_rollouts(self, samples: list, kept: list, step: int, tokenizer) -> None:
         """Up to --log-rollouts of step ``step``'s samples (spread over its prompts) to rollouts.jsonl."""

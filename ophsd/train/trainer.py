@@ -28,6 +28,7 @@ from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.runtime.groups import ParallelGroups
+from ophsd.runtime.memory import peak_memory
 from ophsd.tasks.base import TaskDataError
 from ophsd.train.build import build_engine, build_models
 from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_checkpoint, read_trainer_state,
@@ -155,7 +156,8 @@ class Trainer:
         self._log_step_rollouts()
         self.step_num += 1
         self.data_position += self.config.rollout.rollout_batch_size
-        result["time/sync"] = self.sync_weights()  # the new weights to the rollout engine
+        with peak_memory().phase("sync", result):
+            result["time/sync"] = self.sync_weights()  # the new weights to the rollout engine
         if self.collector is not None:
             self.collector.end_step(self.batch)  # the harness learns from the step's examples
         return self._step_metrics(result, stats, t_step)

@@ -20,6 +20,7 @@ from ophsd.runtime.distributed import comm_device
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.runtime.groups import ParallelGroups
+from ophsd.runtime.memory import peak_memory
 from ophsd.train import step
 from ophsd.train.objective import Objective
 from ophsd.train.pairs import MicroBatch, Sample, layout_stats, pack
@@ -154,6 +155,7 @@ class StepResult:
     grad_norm: float = float("nan")
     lr: float | None = None
     times: dict = field(default_factory=dict)  # seconds: teacher, student (forward+backward), optimizer
+    peaks: dict = field(default_factory=dict)  # mem/<phase>_peak_gb of the same phases (ophsd.runtime.memory)
 
 
 def _nothing() -> None:
@@ -169,11 +171,13 @@ def update_step(model, module, optimizer, mbs: list[MicroBatch], objective: Obje
     a loss or gradient is non-finite on any rank (then the gradients are dropped: ``skipped``).
     ``groups``: this rank's process groups (the loss's collectives and stage tests).
     ``sync`` is called before each clock reading (the benchmark's CUDA synchronize)."""
-    t0 = time.perf_counter()
+    t0, mem, peaks = time.perf_counter(), peak_memory(), {}
+    mem.mark()
     if teacher_rows is None:
         teacher_rows = objective.teacher_rows(teacher, mbs, groups, full_logits=full_logits)
     sync()
     t1 = time.perf_counter()
+    mem.lap("teacher", peaks)
     token_w = objective.token_weights(mbs, teacher_rows, step_num, groups)
     per_token = objective.per_token_loss(teacher_rows, groups)
     model.zero_grad_buffer()
@@ -182,6 +186,7 @@ def update_step(model, module, optimizer, mbs: list[MicroBatch], objective: Obje
     res = step.student_pass(model, mbs, per_token, token_w, groups, full_logits=full_logits)
     sync()
     t3 = time.perf_counter()
+    mem.lap("student", peaks)
     out = StepResult(res["loss"], res["tokens"], res["tokens_weighted"], res["per_token"])
     if not step.finite_everywhere(out.loss, module):
         model.zero_grad_buffer()
@@ -195,6 +200,8 @@ def update_step(model, module, optimizer, mbs: list[MicroBatch], objective: Obje
         out.lr = optimizer.param_groups[0]["lr"]
     sync()
     out.times = {"teacher": t1 - t0, "student": t3 - t2, "optimizer": time.perf_counter() - t3}
+    mem.lap("optimizer", peaks)
+    out.peaks = peaks
     return out
 
 
@@ -249,7 +256,7 @@ class Updater:
         self._attach_per_token(mine, r.per_token)
         result = {**layout_stats(mbs), "loss": r.loss, self.objective.metric: r.loss,
                   "tokens": r.tokens, "tokens_weighted": r.tokens_weighted,
-                  "time/teacher_forward": r.times["teacher"], "time/student_fwd_bwd": r.times["student"]}
+                  "time/teacher_forward": r.times["teacher"], "time/student_fwd_bwd": r.times["student"], **r.peaks}
         if r.skipped:
             self.counters["nonfinite_steps"] += 1
             _log(f"step {step_num + 1}: non-finite loss or gradient, update skipped "
