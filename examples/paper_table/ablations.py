@@ -39,6 +39,12 @@ ABLATIONS = [
     ("OPHSD, label list, then a WSD decay", "cpu-steps160-lr1e-4-labellist-wsd40/banking77/ophsd/seed0",
      "the 120-step run above (seed 0), resumed to 160 steps with --lr-decay-style WSD "
      "--lr-wsd-decay-iters 40 (lr 1e-4 -> 0 linearly over steps 121-160)"),
+    ("OPHSD, label list, then a WSD decay", "cpu-steps160-lr1e-4-labellist-wsd40/banking77/ophsd/seed1",
+     "the 120-step run above (seed 1), resumed to 160 steps with --lr-decay-style WSD "
+     "--lr-wsd-decay-iters 40 (lr 1e-4 -> 0 linearly over steps 121-160)"),
+    ("OPHSD, 16 prompts x 1 sample, label list", "cpu-steps72-lr1e-4-labellist-16x1/banking77/ophsd/seed0",
+     "lr 1e-4, 72 steps, --harness-label-list, --rollout-batch-size 16 --n-samples-per-prompt 1 "
+     "(twice the distinct prompts per step, the same samples)"),
     ("OPHSD, rollout temperature 0.7, label list", "cpu-steps36-lr1e-4-labellist-t0.7/banking77/ophsd/seed0",
      "lr 1e-4, 36 steps, --harness-label-list, --rollout-temperature 0.7"),
     ("OPHSD, JSD (beta 0.5), label list", "cpu-steps36-lr1e-4-labellist-jsd/banking77/ophsd_jsd/seed0",
@@ -47,6 +53,8 @@ ABLATIONS = [
      "lr 1e-4, 36 steps, --harness-label-list, --teacher current"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
+    ("off-policy SFT, label list in the harness", "cpu-steps72-lr1e-4-labellist/banking77/offpolicy_sft/seed0",
+     "lr 1e-4, 72 steps, --harness-label-list (the harness OPHSD's label-list runs distil)"),
 ]
 
 
