@@ -7,6 +7,9 @@ a user which flag to turn down before the OOM killer does it for them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import resource
 import sys
 
@@ -96,6 +99,33 @@ def worst_phase(m: dict) -> tuple[str, float] | None:
         return None
     name = max(peaks, key=peaks.get)
     return name, peaks[name]
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only: musl has no malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Hand the heap pages freed since the last call back to the OS (glibc's ``malloc_trim``).
+
+    PyTorch's CPU tensors come from malloc; after a phase that allocates many mid-sized tensors
+    (an eval's 64-row KV caches, a prefill's activations) glibc keeps the freed pages mapped, so
+    the process's resident size ratchets up by the phase's working set and stays there: measured
+    on a BANKING77 label-list run, +3.2 GiB retained after each eval (a 64-example eval: 4.8 GiB
+    resident after, 1.5 GiB after the trim). Cheap (it walks the free lists). Returns False where
+    there is no glibc."""
+    trim = _glibc_malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 _INSTANCE: PeakMemory | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
-from ophsd.runtime.memory import peak_memory
+from ophsd.runtime.memory import peak_memory, release_free_heap
 from ophsd.train.collect import eval_examples
 from ophsd.train.metrics import logged_eval_steps
 
@@ -83,6 +83,7 @@ class Evaluator:
             row["eval/probe_divergence"] = probe
         mem.lap("eval", peaks)
         row.update(peaks)
+        release_free_heap()  # the eval's KV caches, freed but still resident, would ratchet the run's RSS up
         _log(f"eval ({tag}, step {step_num}): standalone {row['eval/standalone_accuracy']:.1%}"
              + (f", harness-attached {row['eval/harness_accuracy']:.1%}" if "eval/harness_accuracy" in row else "")
              + (f", probe {c.distill.divergence} {probe:.4f}" if probe is not None else "")

@@ -28,7 +28,7 @@ from ophsd.runtime.distributed import broadcast_from_rank0
 from ophsd.runtime.distributed import is_rank0 as _rank0
 from ophsd.runtime.distributed import log_rank0 as _log
 from ophsd.runtime.groups import ParallelGroups
-from ophsd.runtime.memory import peak_memory
+from ophsd.runtime.memory import peak_memory, release_free_heap
 from ophsd.tasks.base import TaskDataError
 from ophsd.train.build import build_engine, build_models
 from ophsd.train.checkpointing import (CheckpointContents, RunCheckpoints, find_checkpoint, read_trainer_state,
@@ -160,6 +160,7 @@ class Trainer:
             result["time/sync"] = self.sync_weights()  # the new weights to the rollout engine
         if self.collector is not None:
             self.collector.end_step(self.batch)  # the harness learns from the step's examples
+        release_free_heap()  # what the step freed leaves the RSS instead of raising it for good
         return self._step_metrics(result, stats, t_step)
 
     def collect_samples(self) -> tuple[list[Sample], dict]:
