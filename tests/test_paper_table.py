@@ -455,6 +455,25 @@ def test_presets_fit_trainer_constraints():
                 assert c["eval_limit"] >= (300 if task == "banking77" else 100)
 
 
+def test_every_preset_run_is_a_valid_trainer_command(tmp_path):
+    """The trainer's own config check accepts every (budget, task, method) run's flags: a preset
+    flag one method's harness does not take (the label list for OPSD) would stop that run."""
+    from ophsd.train.config import TrainConfig, parse_args
+
+    data = _fixture_csv(tmp_path)
+    for budget, tasks in R.PRESETS.items():
+        for task in tasks:
+            for method in R.METHOD_FLAGS:
+                cfg = R.run_config(budget, task, method, 0)
+                argv = R.flags(cfg) + ["--save", str(tmp_path / "run")] + ([] if task == "arith" else ["--data", str(data)])
+                TrainConfig.from_args(parse_args(argv))  # raises ConfigError naming the flag
+    gpu = R.run_config("gpu", "banking77", "ophsd", 0)
+    assert gpu["harness_label_list"] is True and gpu["lr"] == 1e-4 and gpu["lr_decay_style"] == "WSD"
+    assert "harness_label_list" not in R.run_config("gpu", "banking77", "opsd", 0)
+    assert R.run_config("gpu", "banking77", "ophsd", 0, lr=3e-5)["lr"] == 3e-5  # --lr still wins
+    assert R.run_config("cpu", "banking77", "ophsd", 0)["lr"] == R.LEARNING_RATE["cpu"]
+
+
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     root = tmp_path / "runs"
     assert R.main(["--dry-run", "--runs-root", str(root), "--tasks", "arith", "--seeds", "0", "1",
