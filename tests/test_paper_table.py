@@ -401,6 +401,9 @@ def test_plan_commands_resume_and_skip(tmp_path):
     # A run directory made with other flags is never resumed or skipped silently.
     with pytest.raises(R.PlanError, match="lr"):
         R.plan("cpu", ["banking77"], ["ophsd"], [1], root, lr=1e-4)
+    # ... but a flag that changes only how it is evaluated (a smaller eval batch, for memory) is resumed
+    again = R.plan("cpu", ["banking77"], ["ophsd"], [1], root, extra=["--eval-batch-size", "16"])
+    assert again[0].state == "resume" and opt(again[0], "--eval-batch-size") == "16"
 
 
 def test_flags_after_the_separator_are_folded_into_the_run_config(tmp_path):

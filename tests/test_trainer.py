@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["--task", "nope"], "--task 'nope' is unknown"),
     (["--no-pack-sequences", "--micro-batch-size", "3"], "must be a multiple of --micro-batch-size"),
     (["--max-tokens-per-micro-batch", "0"], "--max-tokens-per-micro-batch must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--global-batch-size", "5"], "--global-batch-size (5) must equal"),
     (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
     (["--rollout-engine", "sglang"], "--rollout-engine sglang needs --sglang-url"),
@@ -507,8 +508,9 @@ def test_run_dir_logs_rollouts_and_eval_predictions(tiny_model_dir, tmp_path):
     from ophsd.tasks import get_task
 
     run = tmp_path / "run"
+    # --eval-batch-size 1: each eval example in its own engine batch, predictions still in order
     m = _train(tiny_model_dir("llama"), run, "--train-iters", 1, "--n-samples-per-prompt", 2, "--log-rollouts", 3,
-               "--eval-limit", 2, skip_eval=False)
+               "--eval-limit", 2, "--eval-batch-size", 1, skip_eval=False)
     assert [r["tag"] for r in m if "tag" in r] == ["before", "after"]
     # every phase's peak RSS is logged: positive, and none above the trainer process's whole-life peak
     import resource

@@ -123,7 +123,7 @@ METHOD_FLAGS = {
 # ground truth, so its before-eval gives base but not base+harness).
 BASE_EVAL_METHODS = ("ophsd", "offpolicy_sft", "ophsd_jsd", "opsd")
 # Flags that do not change what a run trains: a run started with another value is still resumed.
-NOT_TRAINING_FLAGS = ("skip_eval_before",)
+NOT_TRAINING_FLAGS = ("skip_eval_before", "eval_batch_size")
 # =============================================================================================
 
 

@@ -68,7 +68,8 @@ class Evaluator:
         harness = self.harness if c.task.harness != "opsd" else None
         if c.eval.eval_harness == "never" or (tag == "interval" and c.eval.eval_harness == "ends"):
             harness = None
-        res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir))
+        res = evaluate(self.task, examples, self.engine, harness, progress=True, save_responses=bool(self.run_dir),
+                       batch_size=c.eval.eval_batch_size)
         if self.run_dir:
             pred_dir = self.run_dir / "eval_predictions"
             pred_dir.mkdir(parents=True, exist_ok=True)
