@@ -328,6 +328,10 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _check_flags(args)
+    if args.engine_url is None and str(args.device).startswith("cpu"):
+        from ophsd.runtime.machine import warn_if_cpus_shared
+
+        warn_if_cpus_shared(PROG)
     pass_ks = _pass_ks(args.n_samples, args.pass_k) if args.n_samples > 1 else [1]
     try:
         task = get_task(args.task, **({"seed": args.seed} if args.task == "arith" else {}))

@@ -21,6 +21,10 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if world == 1:  # torchrun's sibling ranks would count as other processes
+        from ophsd.runtime.machine import warn_if_cpus_shared
+
+        warn_if_cpus_shared("ophsd train")
     from ophsd.models.checkpoint import CheckpointError
     from ophsd.models.hub import ModelNotFoundError
     from ophsd.runtime import distributed
