@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
     (["--save-interval", "2"], "--save-interval needs --save DIR"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
     (["--weight-sync", "tensor"], "--weight-sync/--weight-sync-dir apply to --rollout-engine sglang only"),
+    (["--rollout-engine", "sglang", "--sglang-url", "http://127.0.0.1:1", "--rollout-dtype", "bfloat16"],
+     "--rollout-dtype applies to the embedded engine"),
 ])
 def test_bad_flags_fail_fast(argv, msg, capsys):
     from ophsd.train.main import main
@@ -121,6 +123,36 @@ def _steps_worker(rank, world, model_dir, extra, n_steps, same_context):
     version = tr.engine.weight_version if rank == 0 else None
     tr.close()
     return dict(losses=losses, weights=weights, teacher_changed=teacher_changed, version=version)
+
+
+def _rollout_dtype_worker(rank, world, model_dir):
+    """A bf16 engine beside the fp32 trainer: one step on fixed samples, the sync, then rollouts."""
+    from ophsd.train.trainer import Trainer
+
+    tr = Trainer(_args(model_dir, "--lr", "1e-3", "--rollout-dtype", "bfloat16", "--max-response-length", "6"))
+    student_dtype = next(tr.model.parameters()).dtype
+    loss = tr.update_on(_fixed_samples())["loss"]
+    tr.step_num += 1
+    tr.sync_weights()
+    batch = tr.collector.rollout(tr.step_num, tr.data_position)
+    out = dict(loss=loss, student_dtype=student_dtype, weights={k: v.clone() for k, v in tr.engine.model.state_dict().items()},
+               responses=[len(s.response) for s in batch.samples])
+    tr.close()
+    return out
+
+
+def test_rollout_dtype_bfloat16_runs_a_bf16_engine_on_fp32_weights(tiny_model_dir):
+    """--rollout-dtype bfloat16 on a CPU: the trainer stays fp32, the engine holds exactly the
+    trainer's weights rounded to bf16 after the sync, and it generates; the default stays fp32."""
+    d = str(tiny_model_dir("llama"))
+    ref = run_ranks(_steps_worker, 1, d, ["--lr", "1e-3"], 1, False)[0]
+    got = run_ranks(_rollout_dtype_worker, 1, d)[0]
+    assert got["student_dtype"] == torch.float32 and got["loss"] == pytest.approx(ref["losses"][0], rel=1e-6)
+    assert all(w.dtype == torch.float32 for w in ref["weights"].values())  # default: fp32 on a CPU
+    assert ref["weights"].keys() == got["weights"].keys()
+    for k, w in got["weights"].items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, ref["weights"][k].to(torch.bfloat16)), k
+    assert got["responses"] and all(n >= 1 for n in got["responses"])
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])

@@ -1,6 +1,7 @@
 """Building a run's models and rank 0's rollout engine from the trainer's config."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ophsd.runtime.distributed import comm_device
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ophsd.train.config import ModelConfig, RolloutConfig
@@ -78,10 +81,18 @@ def build_engine(rollout: RolloutConfig, seed: int, source, tokenizer, dtype: to
 
     from ophsd.models.hub import load_config
     from ophsd.rollout.embedded import EmbeddedEngine
+    from ophsd.rollout.embedded.engine import parse_dtype
+    from ophsd.runtime.machine import cpu_isa
 
-    # It shares rank 0's device; on a GPU it generates in the training dtype, on CPU in fp32.
+    # It shares rank 0's device; by default it generates in the training dtype on a GPU, in fp32 on a CPU.
     device = comm_device()
-    dtype = dtype if device.type == "cuda" else torch.float32
+    if rollout.rollout_dtype is not None:
+        dtype = parse_dtype(rollout.rollout_dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu" and not {"avx512_bf16", "amx_bf16"} & set(cpu_isa()):
+            _log.warning("--rollout-dtype bfloat16 on a CPU without AVX512-BF16 or AMX: its bf16 products are "
+                         "emulated and may well be slower than float32")
+    elif device.type != "cuda":
+        dtype = torch.float32
     hf = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype).eval()
     return EmbeddedEngine.from_pretrained_objects(hf, tokenizer, name="ophsd-student", seed=seed, device=device,
                                                   dtype=dtype, prefix_cache_tokens=rollout.prefix_cache_tokens)
