@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="trainer steps per variant (all reported; median shown)")
     p.add_argument("--baseline-ref", default=None, help="git commit to compare against (a worktree of it runs)")
     p.add_argument("--extra", default="", help="extra trainer flags for the current checkout only, e.g. '--bf16'")
+    p.add_argument("--common", default="", help="extra trainer flags for every variant, e.g. "
+                                                "'--harness-label-list --max-prompt-length 2048'")
     p.add_argument("--out", required=True, help="directory for run dirs, logs, bench_step.json and bench_step.md")
     a = p.parse_args(argv)
     if a.steps < 1:
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         p.error(f"the presets read ../shared/data ({DATA}): not found")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    flags = PRESETS[a.preset] + ["--train-iters", str(a.steps)]
+    flags = PRESETS[a.preset] + a.common.split() + ["--train-iters", str(a.steps)]
     variants = []
     if a.baseline_ref:
         variants.append((f"baseline@{a.baseline_ref}", _worktree(a.baseline_ref), flags))
