@@ -1,16 +1,13 @@
 """Building a run's models and rank 0's rollout engine from the trainer's config."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ophsd.runtime.distributed import comm_device
-
-_log = logging.getLogger(__name__)
+from ophsd.runtime.distributed import comm_device, log_rank0
 
 if TYPE_CHECKING:
     from ophsd.train.config import ModelConfig, RolloutConfig
@@ -89,8 +86,8 @@ def build_engine(rollout: RolloutConfig, seed: int, source, tokenizer, dtype: to
     if rollout.rollout_dtype is not None:
         dtype = parse_dtype(rollout.rollout_dtype)
         if dtype == torch.bfloat16 and device.type == "cpu" and not {"avx512_bf16", "amx_bf16"} & set(cpu_isa()):
-            _log.warning("--rollout-dtype bfloat16 on a CPU without AVX512-BF16 or AMX: its bf16 products are "
-                         "emulated and may well be slower than float32")
+            log_rank0("warning: --rollout-dtype bfloat16 on a CPU without AVX512-BF16 or AMX: its bf16 products "
+                      "are emulated and may well be slower than float32")
     elif device.type != "cuda":
         dtype = torch.float32
     hf = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype).eval()
