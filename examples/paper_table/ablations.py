@@ -53,8 +53,8 @@ ABLATIONS = [
      "lr 1e-4, 36 steps, --harness-label-list, --teacher current"),
     ("off-policy SFT, 12 steps (table)", "cpu/banking77/offpolicy_sft/seed1", "the table's run: lr 5e-5, 12 steps"),
     ("off-policy SFT", "cpu-steps36-lr1e-4/banking77/offpolicy_sft/seed0", "lr 1e-4, 36 steps"),
-    ("off-policy SFT, label list in the harness", "cpu-steps72-lr1e-4-labellist/banking77/offpolicy_sft/seed0",
-     "lr 1e-4, 72 steps, --harness-label-list (the harness OPHSD's label-list runs distil)"),
+    *[("off-policy SFT, label list in the harness", f"cpu-steps72-lr1e-4-labellist/banking77/offpolicy_sft/seed{k}",
+       "lr 1e-4, 72 steps, --harness-label-list (the harness OPHSD's label-list runs distil)") for k in (0, 1, 2)],
 ]
 
 
