@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 1")
     if not DATA.is_dir():
         p.error(f"the presets read ../shared/data ({DATA}): not found")
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the baseline runs with its worktree as cwd
     out.mkdir(parents=True, exist_ok=True)
     flags = PRESETS[a.preset] + a.common.split() + ["--train-iters", str(a.steps)]
     variants = []
