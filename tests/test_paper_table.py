@@ -581,7 +581,8 @@ def test_ablation_label_answers_and_standard_error(tmp_path):
     (tmp_path / "root/data/banking77").mkdir(parents=True)
     (tmp_path / "root/data/banking77/categories.json").write_text(json.dumps(["card_arrival", "top_up_limits"]))
     got = ab.diagnose(tmp_path, rel, 24, {})
-    assert got == {"eval_step": 24, "label_answers": [2, 1, 4], "near_copy": 2}
+    assert got == {"eval_step": 24, "label_answers": [2, 1, 4], "near_copy": 2, "most_common": [2, 2]}
+    assert ab.most_common_answer([{"standalone": "x "}, {"standalone": "x"}, {"standalone": None}]) == (2, 2)
     cached = {rel: got}
     import shutil
     shutil.rmtree(pred)

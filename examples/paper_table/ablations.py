@@ -92,6 +92,15 @@ def near_copy_correct(rows: list[dict], labels: list[str]) -> int:
         for r in rows)
 
 
+def most_common_answer(rows: list[dict]) -> tuple[int, int]:
+    """(how many answers are the single most common one, distinct answers) in one eval: a student
+    that collapses to one output (every message gets the same label) shows here, not in accuracy."""
+    from collections import Counter
+
+    c = Counter((r.get("standalone") or "").strip() for r in rows)
+    return (c.most_common(1)[0][1] if c else 0), len(c)
+
+
 DIAGNOSIS = "ablations_diagnosis.json"
 
 
@@ -104,11 +113,12 @@ def diagnose(runs: Path, rel: str, last_step: int | None, cached: dict) -> dict:
     if last is not None:
         step, rows = last
         return {"eval_step": step, "label_answers": list(label_answers(rows)),
-                "near_copy": near_copy_correct(rows, task_labels(runs, rel))}
+                "near_copy": near_copy_correct(rows, task_labels(runs, rel)),
+                "most_common": list(most_common_answer(rows))}
     old = cached.get(rel)
     if old and old.get("eval_step") == last_step:
         return old
-    return {"eval_step": None, "label_answers": None, "near_copy": None}
+    return {"eval_step": None, "label_answers": None, "near_copy": None, "most_common": None}
 
 
 def task_labels(runs: Path, rel: str) -> list[str]:
@@ -134,7 +144,8 @@ def samples_per_step(run: dict) -> int | None:
 def table(rows: list[dict]) -> str:
     steps = sorted({s for r in rows for s, _ in r["curve"]})
     head = ["run", "seed", "what differs", *[f"step {s}" for s in steps], "last: ± s.e.",
-            "last: label answers (right)", "last: near-copies too", "samples / step", "wall time", "status"]
+            "last: label answers (right)", "last: near-copies too", "last: most common answer (distinct)",
+            "samples / step", "wall time", "status"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = dict(r["curve"])
@@ -144,7 +155,9 @@ def table(rows: list[dict]) -> str:
         se = f"± {std_error(r['curve'][-1][1], la[2]):.1f}" if la and r["curve"] else ""
         valid = f"{la[0]}/{la[2]} ({la[1]})" if la else ""
         near = f"{100.0 * r['near_copy'] / la[2]:.1f}" if la and r["near_copy"] is not None else ""
-        out.append("| " + " | ".join([r["label"], str(r["seed"]), r["what"], *cells, se, valid, near,
+        mc = r.get("most_common")
+        top = f"{mc[0]}/{la[2]} ({mc[1]})" if la and mc else ""
+        out.append("| " + " | ".join([r["label"], str(r["seed"]), r["what"], *cells, se, valid, near, top,
                                        str(r["per_step"] or "-"), wall, r["status"]]) + " |")
     return "\n".join(out)
 
@@ -194,7 +207,8 @@ def main(argv=None) -> int:
         diagnosis[rel] = diagnose(a.runs, rel, crv[-1][0] if crv else None, cached)
         rows.append({"label": label, "what": what, "seed": seed, "curve": crv, "per_step": samples_per_step(run),
                      "wall": wall, "status": run["status"] if run["exists"] else "missing", "dir": rel,
-                     "label_answers": diagnosis[rel]["label_answers"], "near_copy": diagnosis[rel]["near_copy"]})
+                     "label_answers": diagnosis[rel]["label_answers"], "near_copy": diagnosis[rel]["near_copy"],
+                     "most_common": diagnosis[rel].get("most_common")})
     a.out_dir.mkdir(parents=True, exist_ok=True)
     cache_path.write_text(json.dumps(diagnosis, indent=1) + "\n")
     md = ["# Ablations: OPHSD on BANKING77 (CPU budget), single runs",
@@ -206,7 +220,9 @@ def main(argv=None) -> int:
           "eval (sampling noise of n=300 messages alone); 'label answers (right)' counts the last eval's "
           "answers that are one of the 77 labels, and how many of those are the gold one; 'near-copies too' "
           "re-reads the last eval's answers counting a near-copy of the gold label as right (the harness's "
-          "own parse rule, `rewards.closest_label`), a second reading, not the score. Rebuilt by `python examples/paper_table/ablations.py` from:"
+          "own parse rule, `rewards.closest_label`), a second reading, not the score; 'most common answer "
+          "(distinct)' counts the last eval's most frequent answer and the distinct answers (300/300 (1): "
+          "the model gives every message the same answer). Rebuilt by `python examples/paper_table/ablations.py` from:"
           if base is not None else "Base evaluation missing.",
           "",
           *[f"- {r['label']} ({r['what']}): `runs/{r['dir']}`" for r in rows],
